@@ -1,0 +1,3 @@
+"""cyberun-agent: the bring-your-own-GPU worker agent for the Cyberun platform."""
+
+__version__ = "0.1.0"
