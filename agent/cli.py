@@ -1,0 +1,498 @@
+"""The ``cyberun-agent`` command line: argv → settings → logging → the daemon, and exit codes.
+
+Commands: ``run``, ``config show|validate|init``, ``protocol schema``. Every `AgentError`
+ends the process with one redacted line on stderr and the error's `ExitCode`; argparse's
+own usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from agent import __version__, logs
+from agent.errors import AgentError, CredentialError, ExitCode
+from agent.settings import (
+    CONFIG_ENV,
+    CREDENTIAL_NAME,
+    FLAG_NAMES,
+    LoadedSettings,
+    Settings,
+    credential_kind,
+    default_init_path,
+    load_settings,
+    write_private_file,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    Handler = Callable[[argparse.Namespace], int]
+
+PROG = "cyberun-agent"
+
+EPILOG = f"""\
+configuration precedence: flags > CYBERUN_AGENT_* environment > config file > defaults.
+config file lookup: --config, ${CONFIG_ENV}, /etc/cyberun-agent/cyberun-agent.yaml,
+~/.config/cyberun-agent/cyberun-agent.yaml (the first that exists).
+
+exit codes:
+  0  ok (stopped on request)
+  1  unexpected failure; a supervisor should restart the agent
+  2  bad command line
+  3  configuration invalid; fix it, restarting will not help
+  4  credential missing, malformed or refused; do not restart
+  5  the gateway requires a protocol version this agent lacks
+"""
+
+_CREDENTIAL_FILE_HELP = (
+    "file holding the credential (dk-… or ak-…). There is deliberately no --credential "
+    "flag: command lines are visible to every local user (ps, /proc); use this, "
+    f"$CYBERUN_AGENT_CREDENTIAL or the systemd credential {CREDENTIAL_NAME}"
+)
+
+_FLAG_HELP: dict[str, tuple[str, str]] = {
+    # key: (metavar, help)
+    "gateway_url": ("URL", "gateway base URL (https://… or wss://…; http/ws only to loopback)"),
+    "credential_file": ("PATH", _CREDENTIAL_FILE_HELP),
+    "agent_id": ("ID", "this agent's id (default: generated once, kept in state_dir/agent_id)"),
+    "region": ("REGION", "region hint for dispatch (lower-cased, at most 64 characters)"),
+    "agent_labels": ("LABEL", "extra agent label; repeat for several (replaces agent_labels)"),
+    "slots": ("N", "concurrent task slots, or 'auto' for one per GPU"),
+    "state_dir": ("DIR", "directory for the agent's state (agent id, task journal)"),
+    "work_dir": ("DIR", "directory for task working directories (default: state_dir/work)"),
+    "cache_dir": ("DIR", "directory for the model and download cache"),
+    "log_level": ("LEVEL", "debug, info, warning or error"),
+    "log_format": ("FORMAT", "auto (console on a terminal, else JSON), json or console"),
+}
+
+
+# ---------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are redacted (they echo what was typed)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {logs.redact(message)}\n")
+
+
+def _common_parser() -> _Parser:
+    """Build the flags shared by ``run``, ``config show`` and ``config validate``."""
+    parent = _Parser(add_help=False, allow_abbrev=False)
+    group = parent.add_argument_group("configuration (overrides the environment and the file)")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help=f"config file to read (it must exist); else ${CONFIG_ENV} or the default lookup",
+    )
+    for key, (metavar, text) in _FLAG_HELP.items():
+        group.add_argument(
+            FLAG_NAMES[key],
+            dest=key,
+            metavar=metavar,
+            default=argparse.SUPPRESS,
+            action="append" if key == "agent_labels" else "store",
+            help=text,
+        )
+    group.add_argument(
+        FLAG_NAMES["pools.community.enabled"],
+        dest="pools.community.enabled",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="serve (or do not serve) the community pool, besides the team pool",
+    )
+    return parent
+
+
+def _add_config_commands(
+    commands: argparse._SubParsersAction[_Parser],
+    common: _Parser,
+) -> None:
+    config = commands.add_parser(
+        "config",
+        allow_abbrev=False,
+        help="show, check or create the configuration",
+        description="Configuration.",
+    )
+    sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    show = sub.add_parser(
+        "show",
+        allow_abbrev=False,
+        parents=[common],
+        help="print the effective settings and where each came from (secrets hidden)",
+        description="Print the effective settings and the source of each value.",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show.set_defaults(handler=_config_show)
+    validate = sub.add_parser(
+        "validate",
+        allow_abbrev=False,
+        parents=[common],
+        help="check that the configuration is valid and complete enough to run",
+        description="Check the configuration, including the gateway URL and the credential.",
+    )
+    validate.set_defaults(handler=_config_validate)
+    init = sub.add_parser(
+        "init",
+        allow_abbrev=False,
+        help="write a commented config file with every key (mode 0600)",
+        description="Write a commented configuration template with every key.",
+    )
+    init.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        metavar="PATH",
+        help="where to write it (default: ~/.config/cyberun-agent/cyberun-agent.yaml, "
+        "or /etc/cyberun-agent/cyberun-agent.yaml as root)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(handler=_config_init)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``cyberun-agent`` argument parser."""
+    parser = _Parser(
+        prog=PROG,
+        description="Cyberun bring-your-own-GPU worker agent.",
+        allow_abbrev=False,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_parser()
+    run = commands.add_parser(
+        "run",
+        allow_abbrev=False,
+        parents=[common],
+        help="run the agent daemon",
+        description="Connect to the gateway and run dispatched tasks until stopped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.set_defaults(handler=_run)
+    _add_config_commands(commands, common)
+    protocol = commands.add_parser(
+        "protocol", help="protocol tools", description="Protocol.", allow_abbrev=False
+    )
+    protocol_sub = protocol.add_subparsers(dest="protocol_command", metavar="SUBCOMMAND")
+    protocol_sub.required = True
+    schema = protocol_sub.add_parser(
+        "schema",
+        allow_abbrev=False,
+        help="print the JSON Schema of protocol v1",
+        description="Print the JSON Schema of every protocol v1 message.",
+    )
+    schema.add_argument("--output", metavar="FILE", type=Path, help="write it to FILE instead")
+    schema.set_defaults(handler=_protocol_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    handler: Handler = args.handler
+    try:
+        return int(handler(args))
+    except AgentError as err:
+        print(_one_line(str(err)), file=sys.stderr)
+        return int(err.exit_code)
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.FAILURE
+
+
+def _one_line(text: str) -> str:
+    return " ".join(logs.redact(text).split())
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def _load(args: argparse.Namespace) -> LoadedSettings:
+    flags = {key: value for key, value in vars(args).items() if key in FLAG_NAMES}
+    return load_settings(config_path=args.config, flags=flags)
+
+
+def _print_warnings(loaded: LoadedSettings) -> None:
+    for warning in loaded.warnings:
+        print(f"warning: {_one_line(warning)}", file=sys.stderr)
+
+
+def _describe_credential(loaded: LoadedSettings) -> str:
+    """Say whether a credential is set and of which kind, never more of it."""
+    settings = loaded.settings
+    origin = settings.credential_origin()
+    if origin is None:
+        return "<not set>"
+    if settings.credential is not None:
+        origin = loaded.source_of("credential")
+    try:
+        value = settings.credential_value()
+    except CredentialError:
+        return f"<set but unusable, from {origin}>"
+    kind = credential_kind(value) if value is not None else "?"
+    return f"<set: {kind}-…, from {origin}>"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _show_rows(loaded: LoadedSettings) -> list[tuple[str, Any, str]]:
+    values = _flatten(loaded.settings.model_dump(mode="json"))
+    values["credential"] = _describe_credential(loaded)
+    return [(key, values[key], source) for key, source in loaded.sources.items()]
+
+
+def _derived(settings: Settings) -> dict[str, Any]:
+    derived: dict[str, Any] = {"pools": settings.pool_names}
+    if settings.gateway_url is not None:
+        derived["agent_ws_url"] = settings.agent_ws_url
+    return derived
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) and value else json.dumps(value)
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    _print_warnings(loaded)
+    rows = _show_rows(loaded)
+    derived = _derived(loaded.settings)
+    config_file = str(loaded.config_file) if loaded.config_file else None
+    if args.json:
+        document = {
+            "config_file": config_file,
+            "settings": {key: {"value": value, "source": src} for key, value, src in rows},
+            "derived": derived,
+        }
+        print(logs.redact(json.dumps(document, indent=2)))
+        return ExitCode.OK
+    table = [("KEY", "VALUE", "SOURCE")]
+    table += [(key, _text(value), source) for key, value, source in rows]
+    table += [(key, _text(value), "derived") for key, value in derived.items()]
+    key_width = max(len(row[0]) for row in table)
+    value_width = min(60, max(len(row[1]) for row in table))
+    print(f"config file: {config_file or 'none'}")
+    for key, value, source in table:
+        print(logs.redact(f"{key:<{key_width}}  {value:<{value_width}}  {source}"))
+    return ExitCode.OK
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    _print_warnings(loaded)
+    loaded.check_runnable()
+    print(f"ok: {loaded.config_file or 'no config file'}")
+    return ExitCode.OK
+
+
+def _config_init(args: argparse.Namespace) -> int:
+    path: Path = args.path.absolute() if args.path is not None else default_init_path()
+    try:
+        write_private_file(path, config_template(Settings()), overwrite=args.force)
+    except FileExistsError:
+        print(f"{PROG} config init: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        return ExitCode.FAILURE
+    except OSError as exc:
+        print(f"{PROG} config init: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return ExitCode.FAILURE
+    print(path)
+    return ExitCode.OK
+
+
+def _protocol_schema(args: argparse.Namespace) -> int:
+    schema = importlib.import_module("agent.protocol.schema")
+    text = str(schema.render_schema())
+    text = text if text.endswith("\n") else text + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+    return ExitCode.OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    loaded.check_runnable()
+    settings = loaded.settings
+    logs.configure(settings.log_level, settings.log_format)
+    log = logs.get_logger("agent.cli")
+    for warning in loaded.warnings:
+        log.warning("insecure_file_permissions", detail=warning)
+    try:
+        app = importlib.import_module("agent.app")
+    except ModuleNotFoundError as exc:
+        if exc.name != "agent.app":
+            raise
+        print(
+            f"{PROG} run: the daemon core is not built yet (tracked as issue 4); "
+            "configuration is valid",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILURE
+    return int(app.run(settings))
+
+
+# ---------------------------------------------------------------- config template
+
+
+def config_template(defaults: Settings) -> str:
+    """Return the commented ``cyberun-agent.yaml`` template that ``config init`` writes.
+
+    Lines starting with ``# `` are settings at their default (or an example, where a key
+    has none); removing the ``# `` of every such line still gives a valid file.
+    """
+    return _TEMPLATE.format(
+        state_dir=defaults.state_dir, work_dir=defaults.work_dir, cache_dir=defaults.cache_dir
+    )
+
+
+_TEMPLATE = """\
+## cyberun-agent.yaml: configuration of the Cyberun GPU worker agent.
+## Precedence: command-line flags > CYBERUN_AGENT_* environment > this file > defaults.
+## "# key: value" lines show a setting at its default (or an example where there is no
+## default): remove the "# " to set it. "##" lines explain. Nested keys are set from the
+## environment with "__", e.g. CYBERUN_AGENT_TIMEOUTS__CONNECT_S=5.
+## Reference: docs/configuration.md. Check with: cyberun-agent config validate
+
+## Gateway base URL; the agent connects to <url>/agent/v1/ws (http->ws, https->wss).
+## Required to run (no default). http:// and ws:// only for a loopback host.
+# gateway_url: https://gateway.example.com
+## Allow plain http:// or ws:// to a non-loopback host (traffic and credential unencrypted).
+# allow_insecure_gateway: false
+
+## The credential: an agent key (ak-...) or device credential (dk-...). Required to run.
+## Precedence: credential > credential_file > systemd credential "cyberun-agent-credential".
+## Prefer credential_file or CYBERUN_AGENT_CREDENTIAL; if you set it here, chmod 600 this file.
+# credential: ak-REPLACE_WITH_YOUR_AGENT_KEY
+## A file whose content (whitespace stripped) is the credential; keep it chmod 600.
+# credential_file: /etc/cyberun-agent/credential
+
+## This agent's id (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit).
+## Default: generated once as <hostname>-<8 hex digits> and kept in <state_dir>/agent_id.
+# agent_id: gpu-node-01
+## Region hint for dispatch (trimmed, lower-cased, at most 64 characters); "" = unknown.
+# region: ""
+## Extra labels advertised to the gateway (lower-case a-z 0-9 . _ -), e.g. [team-a, gpu-h100].
+# agent_labels: []
+## Concurrent task slots (>= 1); null means auto: one per GPU.
+# slots: null
+
+## Pools: this agent always serves its team's pool; the community pool is opt-in.
+# pools:
+##  The team pool is always served; false is an error.
+#   team: true
+#   community:
+##    Serve tasks from any team that targets the community pool.
+#     enabled: false
+##    At most this many community tasks at once (>= 1).
+#     max_concurrent: 1
+##    "HH:MM-HH:MM" windows in `timezone`, may wrap midnight, e.g. ["22:00-06:00"].
+##    Empty: at any time.
+#     hours: []
+##    IANA time zone of `hours`, e.g. Europe/Berlin.
+#     timezone: UTC
+##    Take community tasks only while no team task runs.
+#     only_when_idle: false
+##    Let team tasks preempt (cancel) running community tasks.
+#     preempt: false
+
+## Runtimes. ComfyUI: attach to a running instance with
+##     url: http://127.0.0.1:8188
+## or let the agent launch it (set url or launch, not both; neither disables ComfyUI):
+# runtimes:
+#   comfyui:
+#     launch:
+##      The Python interpreter of the ComfyUI installation (required).
+#       python: /opt/ComfyUI/.venv/bin/python
+##      ComfyUI's main.py (required).
+#       main: /opt/ComfyUI/main.py
+##      Extra arguments for main.py.
+#       args: []
+#       port: 8188
+##      ComfyUI's --base-directory (models, custom_nodes, input, output); null = its own.
+#       base_directory: null
+#   nerfstudio:
+##    Offer Nerfstudio tasks (ns-train, ns-export).
+#     enabled: false
+##    Directory holding the ns-* commands; null = look them up on PATH.
+#     bin_dir: null
+##    Keep the training checkpoint after a task (else only the exported outputs).
+#     keep_checkpoint: false
+
+## Directories (~ is expanded; relative paths are taken from the working directory).
+## State: agent id, task journal.
+# state_dir: {state_dir}
+## Task working directories (default: <state_dir>/work).
+# work_dir: {work_dir}
+## Model and download cache.
+# cache_dir: {cache_dir}
+
+## Logging: level debug, info, warning or error; format auto (console on a terminal,
+## JSON lines otherwise), json or console.
+# log_level: info
+# log_format: auto
+
+## Timeouts, in seconds (each > 0).
+# timeouts:
+##  Opening the gateway connection.
+#   connect_s: 10
+##  WebSocket ping interval and the wait for its pong.
+#   ping_interval_s: 20
+#   ping_timeout_s: 20
+##  Heartbeat interval until the gateway's welcome sets another.
+#   heartbeat_s: 15
+##  Wait for the gateway to acknowledge a message.
+#   ack_s: 10
+##  Re-send interval of an unacknowledged terminal message (task result).
+#   retransmit_s: 5
+##  On the first SIGTERM: time for running tasks to finish before they are cancelled.
+#   drain_grace_s: 900
+##  After a cancel: time for a task to stop after its interrupt, before SIGTERM.
+#   cancel_grace_s: 15
+##  After SIGTERM to a task's processes: time before SIGKILL.
+#   kill_grace_s: 10
+##  One output upload, and one input download.
+#   upload_s: 3600
+#   download_s: 3600
+##  A runtime (ComfyUI) becoming ready after launch.
+#   runtime_ready_s: 120
+
+## Limits the agent enforces on itself.
+# limits:
+##  Largest WebSocket frame, in bytes (>= 65536).
+#   max_frame_bytes: 1048576
+##  Largest total of a task's inputs, and of its outputs, in bytes.
+#   max_input_bytes: 524288000
+#   max_output_bytes: 10737418240
+##  Progress messages per second per task (> 0, <= 20).
+#   progress_per_s: 4.0
+##  Log lines per batch sent to the gateway, and log bytes kept per task.
+#   log_lines_per_batch: 200
+#   log_bytes_per_task: 5242880
+##  Free disk space (bytes) below which no new task is accepted.
+#   min_free_disk_bytes: 1073741824
+"""
