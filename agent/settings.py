@@ -15,20 +15,18 @@ does not exist is an error.
 This is the only module that reads ``os.environ``: `load_settings` captures everything it
 needs (``HOME``, ``XDG_*``, ``CREDENTIALS_DIRECTORY``) at load time. Every invalid value
 becomes one `ConfigError` naming the dotted key, its source and the rule; a malformed
-credential becomes a `CredentialError` that never repeats the value.
+credential becomes a `CredentialError` that never repeats the value. Reading, merging and
+translating the sources is `agent.config_sources`; this module supplies the models, the
+environment and the default locations.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
 import os
 import re
 import secrets
 import socket
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +35,6 @@ from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,39 +43,34 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from agent import config_sources
+
+# Names marked "re-export" belong to this module's API; mypy --strict needs `X as X` for that.
+from agent.config_sources import CONFIG_ENV as CONFIG_ENV  # noqa: PLC0414 re-export
+from agent.config_sources import ENV_PREFIX as ENV_PREFIX  # noqa: PLC0414 re-export
+from agent.config_sources import FLAG_NAMES as FLAG_NAMES  # noqa: PLC0414 re-export
+from agent.config_sources import (
+    Layers,
+    env_layer,
+    flag_layer,
+    leaf_sources,
+    read_config_file,
+    source_for,
+    split_commas,
+    validate,
+)
+from agent.config_sources import flag_label as flag_label  # noqa: PLC0414 re-export
 from agent.errors import ConfigError, CredentialError
 
-if typing.TYPE_CHECKING:
-    from pydantic_core import ErrorDetails
-
-ENV_PREFIX = "CYBERUN_AGENT_"
-CONFIG_ENV = "CYBERUN_AGENT_CONFIG"
 CONFIG_FILE_NAME = "cyberun-agent.yaml"
 SYSTEM_CONFIG_FILE = Path("/etc/cyberun-agent") / CONFIG_FILE_NAME
 CREDENTIAL_NAME = "cyberun-agent-credential"  # systemd LoadCredential= name
 AGENT_ID_FILE = "agent_id"
-
-# Command-line spelling of each key the CLI sets, used to say "from flag --slots".
-FLAG_NAMES: dict[str, str] = {
-    "gateway_url": "--gateway-url",
-    "credential_file": "--credential-file",
-    "agent_id": "--agent-id",
-    "region": "--region",
-    "agent_labels": "--label",
-    "slots": "--slots",
-    "state_dir": "--state-dir",
-    "work_dir": "--work-dir",
-    "cache_dir": "--cache-dir",
-    "log_level": "--log-level",
-    "log_format": "--log-format",
-    "pools.community.enabled": "--community",
-}
 
 _CREDENTIAL_RE = re.compile(r"(dk|ak)-[A-Za-z0-9_-]{20,256}")
 _CREDENTIAL_RULE = "must look like dk-… or ak-… (the value is not shown)"
@@ -115,12 +107,6 @@ def _lower(value: object) -> object:
 
 def _strip(value: object) -> object:
     return value.strip() if isinstance(value, str) else value
-
-
-def _split_commas(value: object) -> object:
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
 
 
 def _check_label(value: str) -> str:
@@ -452,7 +438,7 @@ class Settings(BaseModel):
     credential_file: ExpandedPath | None = None
     agent_id: AgentId | None = None
     region: str = ""
-    agent_labels: Annotated[tuple[Label, ...], BeforeValidator(_split_commas)] = ()
+    agent_labels: Annotated[tuple[Label, ...], BeforeValidator(split_commas)] = ()
     pools: PoolSettings = Field(default_factory=PoolSettings)
     slots: Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_auto_slots)] = None
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -650,7 +636,7 @@ class LoadedSettings:
 
     def source_of(self, key: str) -> str:
         """Return where *key* (dotted) came from."""
-        return _source_for(key, self.sources)
+        return source_for(key, self.sources)
 
     def check_runnable(self) -> None:
         """Check that ``run`` could start: a gateway URL and a well-formed credential.
@@ -672,29 +658,6 @@ class LoadedSettings:
             )
 
 
-class _Layers:
-    """The merged raw data of all sources, and the source of each dotted path in it."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.sources: dict[str, str] = {}
-
-    def merge(self, data: Mapping[str, Any], sources: Mapping[str, str]) -> None:
-        self._merge_into(self.data, data, "")
-        self.sources.update(sources)
-
-    def _merge_into(self, base: dict[str, Any], over: Mapping[str, Any], prefix: str) -> None:
-        for key, value in over.items():
-            path = f"{prefix}{key}"
-            current = base.get(key)
-            if isinstance(value, Mapping) and isinstance(current, dict):
-                self._merge_into(current, value, path + ".")
-                continue
-            for stale in [k for k in self.sources if k.startswith((path + ".", path + "["))]:
-                del self.sources[stale]
-            base[key] = dict(value) if isinstance(value, Mapping) else value
-
-
 def load_settings(
     *,
     config_path: Path | None = None,
@@ -707,14 +670,14 @@ def load_settings(
     ignored. *environ* defaults to ``os.environ``. Raises `ConfigError` or `CredentialError`.
     """
     env: Mapping[str, str] = os.environ if environ is None else environ
-    layers = _Layers()
+    layers = Layers()
     config_file = find_config_file(config_path, env)
     file_data: dict[str, Any] = {}
     if config_file is not None:
-        file_data, file_sources = _read_config_file(config_file)
+        file_data, file_sources = read_config_file(config_file, Settings)
         layers.merge(file_data, file_sources)
-    layers.merge(*_env_layer(env))
-    layers.merge(*_flag_layer(flags or {}))
+    layers.merge(*env_layer(env, Settings))
+    layers.merge(*flag_layer(flags or {}))
     root = running_as_root()
     for key, default in (
         ("state_dir", default_state_dir(env, root=root)),
@@ -722,12 +685,19 @@ def load_settings(
     ):
         layers.data.setdefault(key, str(default))
     context = {"home": str(_home(env)), "credentials_directory": env.get("CREDENTIALS_DIRECTORY")}
-    try:
-        settings = Settings.model_validate(layers.data, context=context)
-    except ValidationError as exc:
-        raise _translate(exc, layers.sources) from None
+    settings = _validate(layers, context)
     warnings = _permission_warnings(settings, config_file, "credential" in file_data)
-    return LoadedSettings(settings, _leaf_sources(settings, layers.sources), config_file, warnings)
+    return LoadedSettings(settings, leaf_sources(settings, layers.sources), config_file, warnings)
+
+
+def _validate(layers: Layers, context: Mapping[str, Any]) -> Settings:
+    """Validate the merged layers; an invalid credential is a `CredentialError`."""
+    try:
+        return validate(Settings, layers, context)
+    except ConfigError as error:
+        if error.key != "credential":
+            raise
+        raise credential_error(error.source, error.rule) from None
 
 
 def find_config_file(config_path: Path | None, environ: Mapping[str, str]) -> Path | None:
@@ -735,277 +705,10 @@ def find_config_file(config_path: Path | None, environ: Mapping[str, str]) -> Pa
 
     Raises `ConfigError` when an explicitly named file does not exist.
     """
-    explicit = [(config_path, "flag --config")]
-    if environ.get(CONFIG_ENV):
-        explicit.append((Path(environ[CONFIG_ENV]), f"env {CONFIG_ENV}"))
-    for path, source in explicit:
-        if path is None:
-            continue
-        full = _expand_user(path, environ)
-        if not full.is_file():
-            raise ConfigError("config file", source, f"{full} does not exist or is not a file")
-        return full
-    for candidate in (SYSTEM_CONFIG_FILE, user_config_file(environ)):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _expand_user(path: Path, environ: Mapping[str, str]) -> Path:
-    text = str(path)
-    if text == "~" or text.startswith("~/"):
-        path = _home(environ) / text[2:]
-    return path if path.is_absolute() else path.absolute()
-
-
-def _read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-        raise ConfigError("config file", str(path), f"cannot read it: {reason}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
-    if data is None or node is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        line = node.start_mark.line + 1
-        raise ConfigError("(top level)", f"{path}:{line}", "must be a mapping of keys to values")
-    sources: dict[str, str] = {}
-    _record_lines(node, "", path, sources)
-    _drop_empty_groups(data, Settings)
-    return data, sources
-
-
-def _drop_empty_groups(data: dict[str, Any], model: type[BaseModel]) -> None:
-    """Treat a group key left empty (``timeouts:`` with its keys commented out) as absent."""
-    for key in list(data):
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        group = field.annotation if field is not None else None
-        if not (isinstance(group, type) and issubclass(group, BaseModel)):
-            continue
-        if data[key] is None:
-            del data[key]
-        elif isinstance(data[key], dict):
-            _drop_empty_groups(data[key], group)
-
-
-def _yaml_error(exc: yaml.YAMLError, path: Path) -> ConfigError:
-    """Name the file and line of a YAML syntax error, but never quote the offending text."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-    problem = getattr(exc, "problem", None) or "cannot be parsed"
-    return ConfigError("yaml syntax", where, f"invalid YAML: {problem}")
-
-
-def _record_lines(node: yaml.Node, prefix: str, path: Path, sources: dict[str, str]) -> None:
-    """Record ``FILE:LINE`` for every mapping key and sequence item below *node*."""
-    if isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            sources[f"{prefix}[{index}]"] = f"{path}:{item.start_mark.line + 1}"
-            _record_lines(item, f"{prefix}[{index}]", path, sources)
-        return
-    if not isinstance(node, yaml.MappingNode):
-        return
-    for key_node, value_node in node.value:
-        where = f"{path}:{key_node.start_mark.line + 1}"
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-            raise ConfigError(prefix or "(top level)", where, "keys must be strings")
-        dotted = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-        if dotted in sources:
-            raise ConfigError(dotted, where, "duplicate key")
-        sources[dotted] = where
-        _record_lines(value_node, dotted, path, sources)
-
-
-def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    data: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
-            continue
-        parts = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__")]
-        value = _parse_env_value(parts, environ[name], name)
-        _set_nested(data, parts, value, f"env {name}")
-        _record(sources, ".".join(parts), value, f"env {name}")
-    return data, sources
-
-
-def _parse_env_value(parts: list[str], raw: str, name: str) -> object:
-    """Turn an environment string into what the field expects (lists, JSON objects, null)."""
-    annotation = _annotation_at(parts)
-    inner = _unwrap_optional(annotation)
-    text = raw.strip()
-    if typing.get_origin(inner) in {list, tuple}:
-        return _env_json(text, parts, name) if text.startswith("[") else _split_commas(text)
-    if _is_model(inner) and text.startswith("{"):
-        return _env_json(text, parts, name)
-    if text == "" and inner is not annotation:  # an optional field: empty means unset
-        return None
-    return raw
-
-
-def _env_json(text: str, parts: list[str], name: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(".".join(parts), f"env {name}", f"invalid JSON: {exc.msg}") from None
-
-
-def _set_nested(data: dict[str, Any], parts: list[str], value: object, source: str) -> None:
-    for depth, part in enumerate(parts[:-1]):
-        child = data.setdefault(part, {})
-        if not isinstance(child, dict):
-            key = ".".join(parts[: depth + 1])
-            raise ConfigError(
-                key, source, "is also set as a single value, so it cannot hold nested keys"
-            )
-        data = child
-    data[parts[-1]] = value
-
-
-def _record(sources: dict[str, str], path: str, value: object, source: str) -> None:
-    """Record *source* for *path* and for everything nested in *value*."""
-    sources[path] = source
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _record(sources, f"{path}.{key}", item, source)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _record(sources, f"{path}[{index}]", item, source)
-
-
-def flag_label(key: str, value: object) -> str:
-    """Return the spelling of the flag that set *key*, e.g. ``--slots`` or ``--no-community``."""
-    name = FLAG_NAMES.get(key, "--" + key.replace(".", "-").replace("_", "-"))
-    return "--no-" + name[2:] if value is False else name
-
-
-def _flag_layer(flags: Mapping[str, object]) -> tuple[dict[str, Any], dict[str, str]]:
-    data: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        source = f"flag {flag_label(key, value)}"
-        _set_nested(data, key.split("."), value, source)
-        _record(sources, key, value, source)
-    return data, sources
-
-
-def _annotation_at(parts: list[str]) -> Any:
-    """Return the annotation of the field at *parts*, or None if there is no such field."""
-    model: type[BaseModel] = Settings
-    annotation: Any = None
-    for index, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        inner = _unwrap_optional(annotation)
-        if index < len(parts) - 1:
-            if not _is_model(inner):
-                return None
-            model = inner
-    return annotation
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in {typing.Union, types.UnionType}:
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-# ---------------------------------------------------------------- errors and provenance
-
-
-def _translate(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError | CredentialError:
-    error = exc.errors(include_url=False, include_context=True, include_input=False)[0]
-    key = _dotted(error["loc"]) or "(top level)"
-    source = _source_for(key, sources)
-    rule = _rule(error)
-    if key == "credential":
-        return credential_error(source, rule)
-    return ConfigError(key, source, rule)
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def _parent(key: str) -> str:
-    cut = max(key.rfind("."), key.rfind("["))
-    return key[:cut] if cut > 0 else ""
-
-
-def _source_for(key: str, sources: Mapping[str, str]) -> str:
-    """Return the source of *key*, else of its nearest ancestor or of what it contains.
-
-    A mapping set only through nested environment variables or flags has no source of its
-    own; the sources of its contents are what made it exist.
-    """
-    probe = key
-    while probe:
-        if probe in sources:
-            return sources[probe]
-        inside = sorted({v for k, v in sources.items() if k.startswith((probe + ".", probe + "["))})
-        if inside:
-            return " and ".join(inside)
-        probe = _parent(probe)
-    return "default"
-
-
-def _rule(error: ErrorDetails) -> str:
-    kind, message = error["type"], error["msg"]
-    if kind == "extra_forbidden":
-        return "unknown key" + _suggestion(error["loc"])
-    if kind == "missing":
-        return "is required"
-    if kind in {"model_type", "model_attributes_type", "dict_type"}:
-        return "must be a mapping of keys to values"
-    if kind == "value_error":
-        return message.removeprefix("Value error, ")
-    if message.startswith("Input should be "):
-        return "must be " + message.removeprefix("Input should be ")
-    return message[:1].lower() + message[1:]
-
-
-def _suggestion(loc: tuple[int | str, ...]) -> str:
-    parent = _unwrap_optional(_annotation_at([str(p) for p in loc[:-1]]) if loc[:-1] else Settings)
-    if not _is_model(parent):
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _leaf_sources(model: BaseModel, sources: Mapping[str, str], prefix: str = "") -> dict[str, str]:
-    """Return the source of every leaf key of *model*, in declaration order."""
-    out: dict[str, str] = {}
-    for name in type(model).model_fields:
-        dotted = prefix + name
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            out.update(_leaf_sources(value, sources, dotted + "."))
-        else:
-            out[dotted] = sources.get(dotted, "default")
-    return out
+    defaults = (SYSTEM_CONFIG_FILE, user_config_file(environ))
+    return config_sources.find_config_file(
+        config_path, environ, home=_home(environ), defaults=defaults
+    )
 
 
 def loose_permissions(path: Path) -> int | None:

@@ -17,6 +17,7 @@ import pytest
 from agent import __version__
 from agent.cli import config_template
 from agent.errors import ExitCode
+from agent.protocol.schema import render_schema
 from agent.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -397,3 +398,19 @@ def test_template_documents_every_key(tmp_path: Path) -> None:
     template = config_template(Settings())
     for key in load_settings(config_path=_blank(tmp_path), environ={"HOME": str(tmp_path)}).sources:
         assert re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}:", template), key
+
+
+# ---------------------------------------------------------------- protocol schema
+
+
+def test_protocol_schema_prints_and_writes_the_rendered_schema(home: Path) -> None:
+    """``protocol schema`` prints render_schema() as JSON, and --output writes the same text."""
+    expected = render_schema()
+    printed = _cli(home, "protocol", "schema")
+    assert (printed.code, printed.err) == (ExitCode.OK, "")
+    assert printed.out == expected
+    assert json.loads(printed.out) == json.loads(expected)
+    target = home / "schema.json"
+    written = _cli(home, "protocol", "schema", "--output", str(target))
+    assert (written.code, written.out, written.err) == (ExitCode.OK, "", "")
+    assert target.read_text(encoding="utf-8") == expected

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
+from agent import config_sources
 from agent.errors import ConfigError, CredentialError, ExitCode
 from agent.settings import (
     SYSTEM_CONFIG_FILE,
@@ -663,3 +667,63 @@ def test_write_private_file_is_0600_and_refuses_to_overwrite(tmp_path: Path) -> 
     assert path.read_text(encoding="utf-8") == "three"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["file"]
+
+
+# ---------------------------------------------------------------- the layer machinery
+
+
+class _Inner(BaseModel):
+    """A nested group of the stand-in model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=1, ge=1)
+
+
+class _Probe(BaseModel):
+    """A stand-in for Settings: the layer machinery takes the model as a parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    tags: tuple[str, ...] = ()
+    inner: _Inner = Field(default_factory=_Inner)
+
+
+def _probe_layers(tmp_path: Path, text: str, environ: Mapping[str, str]) -> config_sources.Layers:
+    path = tmp_path / "probe.yaml"
+    path.write_text(text, encoding="utf-8")
+    layers = config_sources.Layers()
+    layers.merge(*config_sources.read_config_file(path, _Probe))
+    layers.merge(*config_sources.env_layer(environ, _Probe))
+    return layers
+
+
+def test_config_sources_layer_and_translate_for_any_model(tmp_path: Path) -> None:
+    """Files, env and errors work for a model passed in, with the same provenance and rules."""
+    env = {"CYBERUN_AGENT_TAGS": "a, b", "CYBERUN_AGENT_INNER__LIMIT": "3", "OTHER": "x"}
+    layers = _probe_layers(tmp_path, "name: probe\ninner:\n", env)
+    probe = config_sources.validate(_Probe, layers, {})
+    assert (probe.name, probe.tags, probe.inner.limit) == ("probe", ("a", "b"), 3)
+    sources = config_sources.leaf_sources(probe, layers.sources)
+    assert sources == {
+        "name": f"{tmp_path / 'probe.yaml'}:1",
+        "tags": "env CYBERUN_AGENT_TAGS",
+        "inner.limit": "env CYBERUN_AGENT_INNER__LIMIT",
+    }
+    bad = _probe_layers(tmp_path, "inner:\n  limitt: 2\n", {})
+    with pytest.raises(ConfigError) as caught:
+        config_sources.validate(_Probe, bad, {})
+    assert (caught.value.key, caught.value.source) == (
+        "inner.limitt",
+        f"{tmp_path / 'probe.yaml'}:2",
+    )
+    assert caught.value.rule == "unknown key (did you mean limit?)"
+
+
+def test_config_sources_imports_without_settings() -> None:
+    """agent.config_sources stands below agent.settings: importing it loads no settings module."""
+    code = "import sys, agent.config_sources; sys.exit('agent.settings' in sys.modules)"
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, check=False, timeout=30)
+    assert done.returncode == 0
