@@ -269,6 +269,8 @@ class OutputFile(Model):
     size: NonNegInt
     sha256: Sha256Hex
     content_type: ShortText
+    upload_id: ShortText | None = None
+    """For a multipart upload: the ``upload_id`` from ``task.upload_urls``."""
     parts: list[OutputPart] | None = Field(default=None, max_length=10_000)
 
 

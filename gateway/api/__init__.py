@@ -1,0 +1,1 @@
+"""The documented REST API under ``/api/v1`` (FastAPI routers, one module per resource)."""

@@ -1,0 +1,526 @@
+"""Durable gateway state: teams, credentials, workflows, files, tasks and task events.
+
+:class:`Store` is the interface; :class:`SqliteStore` the default implementation (one file
+in the data dir, WAL journal). Calls are synchronous and short (a WAL commit is a fraction
+of a millisecond here), so the asyncio code calls them directly; a server database would
+implement the same Protocol.
+
+Tasks carry their dispatch payload (workflow snapshot, injections, inputs, constraints) as
+JSON so a restarted gateway can dispatch or resume them without the workflow table.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.auth import CredentialKind, StoredCredential
+from gateway.models import (
+    DispatchTarget,
+    TargetPool,
+    TaskStatus,
+    ToolType,
+    Workflow,
+    WorkflowIn,
+)
+
+
+def utcnow() -> datetime:
+    """Return the current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Return a fresh identifier like ``task_3f…``."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class NotFoundError(LookupError):
+    """No such record (or not visible to this team)."""
+
+
+class ConflictError(Exception):
+    """The record would violate a uniqueness rule (e.g. a slug already in use)."""
+
+
+@dataclass(frozen=True)
+class Team:
+    """A team: the unit of isolation."""
+
+    id: str
+    name: str
+    max_agents: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An input file uploaded through ``/r/files/presign``."""
+
+    file_key: str
+    team_id: str
+    file_name: str
+    size: int
+    content_type: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A task as stored; ``payload`` holds what the agent needs to run it."""
+
+    id: str
+    team_id: str
+    workflow_id: str
+    workflow_version: int
+    task_status: TaskStatus
+    dispatch_target: DispatchTarget
+    target_pool: TargetPool
+    tool_type: ToolType
+    submitter_region: str
+    payload: dict[str, Any]
+    max_retries: int
+    task_timeout: int
+    created_at: datetime
+    task_error: str | None = None
+    retry_count: int = 0
+    attempt: int = -1
+    agent_id: str | None = None
+    agent_key: str | None = None
+    """``<team_id>/<agent_id>`` of the assigned agent (agent ids are unique per team only)."""
+    agent_labels: list[str] = field(default_factory=list)
+    gpu_type: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    assigned_at: float | None = None
+    lease_expires_at: float | None = None
+    progress: float = 0.0
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One SSE event of a task, in order (``seq`` is global and increasing)."""
+
+    seq: int
+    task_id: str
+    event: str
+    data: dict[str, Any]
+
+
+class Store(Protocol):
+    """What the gateway needs from its database."""
+
+    def ensure_team(self, name: str) -> Team: ...
+    def team(self, team_id: str) -> Team: ...
+    def add_credential(
+        self, team_id: str, kind: CredentialKind, prefix: str, digest: str
+    ) -> str: ...
+    def credential_by_hash(self, digest: str) -> StoredCredential | None: ...
+    def revoke_credential(self, credential_id: str) -> None: ...
+    def revoke_prefix(self, prefix: str) -> int: ...
+    def create_workflow(self, team_id: str, body: WorkflowIn) -> Workflow: ...
+    def update_workflow(self, team_id: str, workflow_id: str, body: WorkflowIn) -> Workflow: ...
+    def workflow(self, team_id: str, workflow_id: str, version: int | None = None) -> Workflow: ...
+    def workflow_by_slug(self, team_id: str, slug: str, version: int | None = None) -> Workflow: ...
+    def workflows(self, team_id: str) -> list[Workflow]: ...
+    def add_file(self, record: FileRecord) -> None: ...
+    def file(self, file_key: str) -> FileRecord | None: ...
+    def insert_task(self, row: TaskRow) -> None: ...
+    def task(self, task_id: str, team_id: str | None = None) -> TaskRow: ...
+    def update_task(self, row: TaskRow) -> None: ...
+    def tasks(
+        self, team_id: str, status: TaskStatus | None, page: int, per_page: int
+    ) -> tuple[list[TaskRow], int]: ...
+    def tasks_in(self, statuses: set[TaskStatus]) -> list[TaskRow]: ...
+    def add_event(self, task_id: str, event: str, data: dict[str, Any]) -> TaskEvent: ...
+    def events(self, task_id: str, after_seq: int = 0) -> list[TaskEvent]: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS teams (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, max_agents INTEGER NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), kind TEXT NOT NULL,
+    prefix TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, revoked INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workflows (
+    id TEXT NOT NULL, version INTEGER NOT NULL, team_id TEXT NOT NULL, slug TEXT,
+    body TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    PRIMARY KEY (id, version));
+CREATE INDEX IF NOT EXISTS workflows_slug ON workflows(team_id, slug);
+CREATE TABLE IF NOT EXISTS files (
+    file_key TEXT PRIMARY KEY, team_id TEXT NOT NULL, file_name TEXT NOT NULL,
+    size INTEGER NOT NULL, content_type TEXT NOT NULL, created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, team_id TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,
+    body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_team ON tasks(team_id, created_at);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS task_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, event TEXT NOT NULL,
+    data TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS task_events_task ON task_events(task_id, seq);
+"""
+
+_COUNT_TASKS = "SELECT COUNT(*) FROM tasks WHERE team_id=? AND (? IS NULL OR status=?)"
+_PAGE_TASKS = (
+    "SELECT body FROM tasks WHERE team_id=? AND (? IS NULL OR status=?) "
+    "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+)
+_TASK_TIMES = ("created_at", "started_at", "completed_at")
+
+
+def _task_to_json(row: TaskRow) -> str:
+    data = {k: getattr(row, k) for k in TaskRow.__dataclass_fields__}
+    for key in _TASK_TIMES:
+        value = data[key]
+        data[key] = value.isoformat() if value is not None else None
+    return json.dumps(data)
+
+
+def _task_from_json(text: str) -> TaskRow:
+    data = json.loads(text)
+    for key in _TASK_TIMES:
+        if data[key] is not None:
+            data[key] = datetime.fromisoformat(data[key])
+    data["task_status"] = TaskStatus(data["task_status"])
+    data["dispatch_target"] = DispatchTarget(data["dispatch_target"])
+    data["target_pool"] = TargetPool(data["target_pool"])
+    data["tool_type"] = ToolType(data["tool_type"])
+    return TaskRow(**data)
+
+
+class SqliteStore:
+    """:class:`Store` on one SQLite file (WAL; ``:memory:`` for throwaway use)."""
+
+    def __init__(self, path: Path | str) -> None:
+        """Open (and create or migrate) the database at ``path``."""
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ teams, credentials
+
+    def ensure_team(self, name: str) -> Team:
+        """Return the team called ``name``, creating it if needed."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, name, max_agents FROM teams WHERE name=?", (name,)
+            ).fetchone()
+            if row is None:
+                row = (new_id("team"), name, 100)
+                db.execute("INSERT INTO teams VALUES (?,?,?,?)", (*row, utcnow().isoformat()))
+        return Team(id=row[0], name=row[1], max_agents=row[2])
+
+    def team(self, team_id: str) -> Team:
+        """Return a team by id."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, max_agents FROM teams WHERE id=?", (team_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(team_id)
+        return Team(id=row[0], name=row[1], max_agents=row[2])
+
+    def add_credential(self, team_id: str, kind: CredentialKind, prefix: str, digest: str) -> str:
+        """Store a credential's prefix and hash (never the secret); return its id."""
+        credential_id = new_id("cred")
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO credentials VALUES (?,?,?,?,?,0,?)",
+                (credential_id, team_id, kind.value, prefix, digest, utcnow().isoformat()),
+            )
+        return credential_id
+
+    def credential_by_hash(self, digest: str) -> StoredCredential | None:
+        """Look a credential up by the hash of its secret."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, team_id, kind, prefix, revoked FROM credentials WHERE digest=?",
+                (digest,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredCredential(
+            id=row[0],
+            team_id=row[1],
+            kind=CredentialKind(row[2]),
+            prefix=row[3],
+            revoked=bool(row[4]),
+        )
+
+    def revoke_credential(self, credential_id: str) -> None:
+        """Revoke a credential (it stops working at once)."""
+        with self._tx() as db:
+            db.execute("UPDATE credentials SET revoked=1 WHERE id=?", (credential_id,))
+
+    def revoke_prefix(self, prefix: str) -> int:
+        """Revoke every credential with this display prefix; return how many."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE credentials SET revoked=1 WHERE prefix=? AND revoked=0", (prefix,)
+            )
+        return cursor.rowcount
+
+    # ------------------------------------------------------------------ workflows
+
+    def create_workflow(self, team_id: str, body: WorkflowIn) -> Workflow:
+        """Store version 1 of a new workflow."""
+        now = utcnow()
+        workflow = Workflow(
+            **body.model_dump(),
+            id=new_id("wf"),
+            team_id=team_id,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        with self._tx() as db:
+            self._check_slug(db, team_id, body.workflow_slug, workflow.id)
+            self._insert_workflow(db, workflow)
+        return workflow
+
+    def update_workflow(self, team_id: str, workflow_id: str, body: WorkflowIn) -> Workflow:
+        """Store a new version of a workflow (the version number increments)."""
+        with self._tx() as db:
+            current = self._latest(db, team_id, workflow_id)
+            self._check_slug(db, team_id, body.workflow_slug, workflow_id)
+            workflow = Workflow(
+                **body.model_dump(),
+                id=workflow_id,
+                team_id=team_id,
+                version=current.version + 1,
+                created_at=current.created_at,
+                updated_at=utcnow(),
+            )
+            self._insert_workflow(db, workflow)
+        return workflow
+
+    def workflow(self, team_id: str, workflow_id: str, version: int | None = None) -> Workflow:
+        """Return a workflow of this team (latest version unless one is pinned)."""
+        with self._lock:
+            if version is None:
+                return self._latest(self._db, team_id, workflow_id)
+            row = self._db.execute(
+                "SELECT body FROM workflows WHERE id=? AND team_id=? AND version=?",
+                (workflow_id, team_id, version),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(workflow_id)
+        return Workflow.model_validate_json(row[0])
+
+    def workflow_by_slug(self, team_id: str, slug: str, version: int | None = None) -> Workflow:
+        """Return a workflow by its slug (latest version, or the pinned ``slug@version``)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM workflows WHERE team_id=? AND slug=? ORDER BY version DESC LIMIT 1",
+                (team_id, slug),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(slug)
+        return self.workflow(team_id, row[0], version)
+
+    def workflows(self, team_id: str) -> list[Workflow]:
+        """Return the latest version of every workflow of a team."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM workflows w WHERE team_id=? AND version="
+                "(SELECT MAX(version) FROM workflows v WHERE v.id=w.id) ORDER BY created_at",
+                (team_id,),
+            ).fetchall()
+        return [Workflow.model_validate_json(r[0]) for r in rows]
+
+    @staticmethod
+    def _latest(db: sqlite3.Connection, team_id: str, workflow_id: str) -> Workflow:
+        row = db.execute(
+            "SELECT body FROM workflows WHERE id=? AND team_id=? ORDER BY version DESC LIMIT 1",
+            (workflow_id, team_id),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(workflow_id)
+        return Workflow.model_validate_json(row[0])
+
+    @staticmethod
+    def _check_slug(
+        db: sqlite3.Connection, team_id: str, slug: str | None, workflow_id: str
+    ) -> None:
+        if slug is None:
+            return
+        row = db.execute(
+            "SELECT id FROM workflows WHERE team_id=? AND slug=? AND id<>? LIMIT 1",
+            (team_id, slug, workflow_id),
+        ).fetchone()
+        if row is not None:
+            raise ConflictError(f"workflow_slug {slug!r} is already used by another workflow")
+
+    @staticmethod
+    def _insert_workflow(db: sqlite3.Connection, workflow: Workflow) -> None:
+        db.execute(
+            "INSERT INTO workflows VALUES (?,?,?,?,?,?,?)",
+            (
+                workflow.id,
+                workflow.version,
+                workflow.team_id,
+                workflow.workflow_slug,
+                workflow.model_dump_json(),
+                workflow.created_at.isoformat(),
+                workflow.updated_at.isoformat(),
+            ),
+        )
+
+    # ------------------------------------------------------------------ files
+
+    def add_file(self, record: FileRecord) -> None:
+        """Record an input file upload slot."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO files VALUES (?,?,?,?,?,?,?)",
+                (
+                    record.file_key,
+                    record.team_id,
+                    record.file_name,
+                    record.size,
+                    record.content_type,
+                    record.created_at.isoformat(),
+                    record.expires_at.isoformat(),
+                ),
+            )
+
+    def file(self, file_key: str) -> FileRecord | None:
+        """Return an input file record (any team: callers check ownership)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM files WHERE file_key=?", (file_key,)).fetchone()
+        if row is None:
+            return None
+        return FileRecord(
+            file_key=row[0],
+            team_id=row[1],
+            file_name=row[2],
+            size=row[3],
+            content_type=row[4],
+            created_at=datetime.fromisoformat(row[5]),
+            expires_at=datetime.fromisoformat(row[6]),
+        )
+
+    # ------------------------------------------------------------------ tasks
+
+    def insert_task(self, row: TaskRow) -> None:
+        """Store a new task."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tasks VALUES (?,?,?,?,?)",
+                (
+                    row.id,
+                    row.team_id,
+                    row.task_status.value,
+                    row.created_at.isoformat(),
+                    _task_to_json(row),
+                ),
+            )
+
+    def task(self, task_id: str, team_id: str | None = None) -> TaskRow:
+        """Return a task (of ``team_id`` when given: other teams' tasks are not found)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT team_id, body FROM tasks WHERE id=?", (task_id,)
+            ).fetchone()
+        if row is None or (team_id is not None and row[0] != team_id):
+            raise NotFoundError(task_id)
+        return _task_from_json(row[1])
+
+    def update_task(self, row: TaskRow) -> None:
+        """Replace a task's stored state."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET status=?, body=? WHERE id=?",
+                (row.task_status.value, _task_to_json(row), row.id),
+            )
+
+    def tasks(
+        self, team_id: str, status: TaskStatus | None, page: int, per_page: int
+    ) -> tuple[list[TaskRow], int]:
+        """Return one page of a team's tasks, newest first, and the total count."""
+        wanted = None if status is None else status.value
+        args = [team_id, wanted, wanted]  # status NULL matches every status
+        with self._lock:
+            total = self._db.execute(_COUNT_TASKS, args).fetchone()
+            rows = self._db.execute(
+                _PAGE_TASKS, [*args, per_page, (page - 1) * per_page]
+            ).fetchall()
+        return [_task_from_json(r[0]) for r in rows], int(total[0])
+
+    def tasks_in(self, statuses: set[TaskStatus]) -> list[TaskRow]:
+        """Return every task in one of ``statuses``, oldest first (dispatch order)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM tasks WHERE status IN (SELECT value FROM json_each(?)) "
+                "ORDER BY created_at, id",
+                (json.dumps(sorted(s.value for s in statuses)),),
+            ).fetchall()
+        return [_task_from_json(r[0]) for r in rows]
+
+    def add_event(self, task_id: str, event: str, data: dict[str, Any]) -> TaskEvent:
+        """Append an event to a task's history."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO task_events (task_id, event, data, created_at) VALUES (?,?,?,?)",
+                (task_id, event, json.dumps(data), utcnow().isoformat()),
+            )
+        assert cursor.lastrowid is not None  # noqa: S101 - sqlite always sets it on INSERT
+        return TaskEvent(seq=cursor.lastrowid, task_id=task_id, event=event, data=data)
+
+    def events(self, task_id: str, after_seq: int = 0) -> list[TaskEvent]:
+        """Return a task's events after ``after_seq``, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, event, data FROM task_events WHERE task_id=? AND seq>? ORDER BY seq",
+                (task_id, after_seq),
+            ).fetchall()
+        return [
+            TaskEvent(seq=r[0], task_id=task_id, event=r[1], data=json.loads(r[2])) for r in rows
+        ]
+
+
+__all__ = [
+    "ConflictError",
+    "FileRecord",
+    "NotFoundError",
+    "SqliteStore",
+    "Store",
+    "TaskEvent",
+    "TaskRow",
+    "Team",
+    "new_id",
+    "utcnow",
+]
