@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 
 PROG = "cyberun-agent"
 
+RUN_EPILOG = """
+signals:
+  SIGTERM/SIGINT  1st: drain — take no new work, let running tasks finish (timeouts.drain_grace_s),
+                  then cancel what is left, report everything, exit 0
+                  2nd: cancel running tasks now, report them cancelled, exit 0
+                  3rd: exit at once (exit 1); the journal reports the rest after a restart
+"""
+
 EPILOG = f"""\
 configuration precedence: flags > CYBERUN_AGENT_* environment > config file > defaults.
 config file lookup: --config, ${CONFIG_ENV}, /etc/cyberun-agent/cyberun-agent.yaml,
@@ -177,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the agent daemon",
         description="Connect to the gateway and run dispatched tasks until stopped.",
-        epilog=EPILOG,
+        epilog=EPILOG + RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.set_defaults(handler=_run)
@@ -342,17 +350,7 @@ def _run(args: argparse.Namespace) -> int:
     log = logs.get_logger("agent.cli")
     for warning in loaded.warnings:
         log.warning("insecure_file_permissions", detail=warning)
-    try:
-        app = importlib.import_module("agent.app")
-    except ModuleNotFoundError as exc:
-        if exc.name != "agent.app":
-            raise
-        print(
-            f"{PROG} run: the daemon core is not built yet (tracked as issue 4); "
-            "configuration is valid",
-            file=sys.stderr,
-        )
-        return ExitCode.FAILURE
+    app = importlib.import_module("agent.app")  # late: only `run` needs the daemon's imports
     return int(app.run(settings))
 
 
@@ -442,6 +440,8 @@ _TEMPLATE = """\
 #     bin_dir: null
 ##    Keep the training checkpoint after a task (else only the exported outputs).
 #     keep_checkpoint: false
+##  Extra runtimes as module:factory (Python plugins; factory(settings) -> Runtime).
+#   extra: []
 
 ## Directories (~ is expanded; relative paths are taken from the working directory).
 ## State: agent id, task journal.

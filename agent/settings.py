@@ -394,6 +394,32 @@ class ComfyUISettings(BaseModel):
         return self.url is not None or self.launch is not None
 
 
+RuntimePlugin = Annotated[
+    str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$", max_length=200)
+]
+
+
+@dataclass(frozen=True)
+class SystemdEnvironment:
+    """What systemd passes a ``Type=notify`` service (captured at load time)."""
+
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
+    watchdog_pid: int | None = None
+
+
+def _systemd_environment(env: Mapping[str, str]) -> SystemdEnvironment:
+    def number(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    return SystemdEnvironment(
+        notify_socket=env.get("NOTIFY_SOCKET") or None,
+        watchdog_usec=number("WATCHDOG_USEC"),
+        watchdog_pid=number("WATCHDOG_PID"),
+    )
+
+
 class NerfstudioSettings(BaseModel):
     """Nerfstudio: run the ``ns-*`` commands found in ``bin_dir`` (or on PATH)."""
 
@@ -411,6 +437,8 @@ class RuntimeSettings(BaseModel):
 
     comfyui: ComfyUISettings = Field(default_factory=ComfyUISettings)
     nerfstudio: NerfstudioSettings = Field(default_factory=NerfstudioSettings)
+    extra: Annotated[tuple[RuntimePlugin, ...], BeforeValidator(split_commas)] = ()
+    """Additional runtimes as ``module:factory`` (``factory(settings) -> Runtime``)."""
 
 
 def _default_state_dir() -> Path:
@@ -451,6 +479,7 @@ class Settings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
     _credentials_directory: Path | None = PrivateAttr(default=None)
+    _systemd: SystemdEnvironment = PrivateAttr(default_factory=SystemdEnvironment)
 
     @field_validator("gateway_url")
     @classmethod
@@ -495,7 +524,14 @@ class Settings(BaseModel):
             else os.environ.get("CREDENTIALS_DIRECTORY")
         )
         self._credentials_directory = Path(directory) if directory else None
+        systemd = context.get("systemd")
+        self._systemd = systemd if isinstance(systemd, SystemdEnvironment) else SystemdEnvironment()
         return self
+
+    @property
+    def systemd(self) -> SystemdEnvironment:
+        """``NOTIFY_SOCKET``/``WATCHDOG_*`` as they were when the settings were loaded."""
+        return self._systemd
 
     @property
     def agent_ws_url(self) -> str:
@@ -684,7 +720,11 @@ def load_settings(
         ("cache_dir", default_cache_dir(env, root=root)),
     ):
         layers.data.setdefault(key, str(default))
-    context = {"home": str(_home(env)), "credentials_directory": env.get("CREDENTIALS_DIRECTORY")}
+    context = {
+        "home": str(_home(env)),
+        "credentials_directory": env.get("CREDENTIALS_DIRECTORY"),
+        "systemd": _systemd_environment(env),
+    }
     settings = _validate(layers, context)
     warnings = _permission_warnings(settings, config_file, "credential" in file_data)
     return LoadedSettings(settings, leaf_sources(settings, layers.sources), config_file, warnings)

@@ -75,6 +75,16 @@ class AbandonTask:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    """The session no longer holds ``task`` (acknowledged, or abandoned after it finished).
+
+    Drop it from durable state (the journal).
+    """
+
+    task: TaskRef
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver:
     """A reply to a request of ours (``message.re``): hand it to whoever waits for it."""
 
@@ -103,6 +113,7 @@ Action = (
     | StartTask
     | CancelTask
     | AbandonTask
+    | Forget
     | Deliver
     | DrainRequested
     | PeerError

@@ -38,6 +38,7 @@ from agent.protocol.actions import (
     DrainRequested,
     Established,
     Evaluate,
+    Forget,
     PeerError,
     Send,
     StartTask,
@@ -236,6 +237,11 @@ class Session:
             if t.decided and t.terminal is None
         ]
 
+    def terminal_for(self, task: TaskRef) -> TerminalMessage | None:
+        """The unacknowledged terminal message of ``task``, if it has one."""
+        entry = self._tasks.get((task.task_id, task.attempt))
+        return entry.terminal if entry is not None else None
+
     def pending_terminals(self) -> list[TerminalMessage]:
         """Terminal messages not yet acknowledged by the gateway."""
         return [t.terminal for t in self._tasks.values() if t.terminal is not None]
@@ -359,8 +365,8 @@ class Session:
                 continue
             task = self._tasks.pop(key)  # abandoned, or not listed: the gateway gave it away
             _remember(self._retired, key, None, self.config.remembered_rejects)
-            if task.terminal is None:
-                actions.append(AbandonTask(TaskRef(task_id=key[0], attempt=key[1])))
+            ref = TaskRef(task_id=key[0], attempt=key[1])
+            actions.append(AbandonTask(ref) if task.terminal is None else Forget(ref))
         return actions
 
     def _on_assign(self, assign: TaskAssign, now: float) -> list[Action]:
@@ -417,10 +423,11 @@ class Session:
         del now  # acknowledgements change nothing the gateway needs to hear about
         key = (ack.task_id, ack.attempt)
         task = self._tasks.get(key)
-        if task is not None and task.terminal is not None:
-            del self._tasks[key]
-            _remember(self._retired, key, None, self.config.remembered_rejects)
-        return []
+        if task is None or task.terminal is None:
+            return []
+        del self._tasks[key]
+        _remember(self._retired, key, None, self.config.remembered_rejects)
+        return [Forget(TaskRef(task_id=key[0], attempt=key[1]))]
 
     def _on_drain(self, drain: Drain, now: float) -> list[Action]:
         already = self._draining

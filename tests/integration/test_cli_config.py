@@ -309,16 +309,18 @@ def test_loose_permissions_warn_on_validate(home: Path) -> None:
 # ---------------------------------------------------------------- run
 
 
-def test_run_validates_then_reports_the_missing_core(home: Path) -> None:
-    """Run exits 1 with the not-built-yet line when valid, and 3 when the config is invalid."""
-    env = {"CYBERUN_AGENT_CREDENTIAL": DK, "CYBERUN_AGENT_GATEWAY_URL": "https://gw.example.com"}
-    valid = _cli(home, "run", "--log-format", "json", env=env)
-    assert valid.code == ExitCode.FAILURE
-    assert valid.err.splitlines()[-1] == (
-        "cyberun-agent run: the daemon core is not built yet (tracked as issue 4); "
-        "configuration is valid"
+def test_run_refuses_to_start_without_what_it_needs(home: Path) -> None:
+    """Run checks its configuration first: no gateway → 3, no credential → 4, bad flag → 3."""
+    no_gateway = _cli(home, "run", env={"CYBERUN_AGENT_CREDENTIAL": DK})
+    assert no_gateway.code == ExitCode.CONFIG
+    assert "gateway_url" in _one_line(no_gateway)
+    gateway = {"CYBERUN_AGENT_GATEWAY_URL": "http://127.0.0.1:9"}
+    no_credential = _cli(home, "run", env=gateway)
+    assert no_credential.code == ExitCode.CREDENTIAL
+    assert "credential" in _one_line(no_credential)
+    invalid = _cli(
+        home, "run", "--log-level", "verbose", env={**gateway, "CYBERUN_AGENT_CREDENTIAL": DK}
     )
-    invalid = _cli(home, "run", "--log-level", "verbose", env=env)
     assert invalid.code == ExitCode.CONFIG
     assert _one_line(invalid).startswith("config error: log_level (from flag --log-level)")
 

@@ -16,6 +16,7 @@ from agent.protocol.actions import (
     DrainRequested,
     Established,
     Evaluate,
+    Forget,
     PeerError,
     Send,
     StartTask,
@@ -333,7 +334,7 @@ def test_complete_is_sent_once_and_retransmitted_until_ack() -> None:
     assert session.complete(f.ref(), 10.1, []) == []  # idempotent
     assert sent(session.tick(14.9), TaskComplete) == []
     assert only(session.tick(15.0), TaskComplete) == done
-    assert session.handle(f.ack(f.ref(), re=done.id), 16.0) == []
+    assert session.handle(f.ack(f.ref(), re=done.id), 16.0) == [Forget(f.ref())]
     assert sent(session.tick(100.0), TaskComplete) == []
     assert session.is_empty()
 
@@ -420,6 +421,7 @@ def test_abandoned_terminal_is_dropped_silently() -> None:
     actions = session.handle(f.welcome({("t1", 0): ResumeAction.ABANDON}), 4.0)
     assert sent(actions, TaskComplete) == []
     assert not any(isinstance(a, AbandonTask) for a in actions)
+    assert Forget(f.ref()) in actions  # the journal drops it too
     assert session.is_empty()
 
 

@@ -1,0 +1,1 @@
+"""One task's life on the agent: runner, journal, workspace."""
