@@ -151,11 +151,18 @@ class Agent:
                 group.create_task(
                     feed_watchdog(self.notifier, self.gate, time.monotonic), name="watchdog"
                 ),
+                group.create_task(self._sample_resources(), name="resources"),
             ]
             stopper = group.create_task(self._stop_when_told(), name="lifecycle")
             await asyncio.wait({parts[0], stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (*parts, stopper):
                 task.cancel()
+
+    async def _sample_resources(self) -> None:
+        """Refresh the readings the next heartbeat carries (cheap, non-blocking calls)."""
+        while True:
+            self.session.set_resources(hardware.resources(self.settings.work_dir), None)
+            await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
 
     async def _link(self, connection: Connection) -> None:
         """The connection, until a fatal error (bad credential, protocol version)."""

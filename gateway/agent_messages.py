@@ -195,9 +195,11 @@ class AgentMessages:
                 upload_headers=put.headers,
                 expires_at=put.expires_at,
             )
-        upload_id = await asyncio.to_thread(
-            storage.create_multipart, key, content_type=file.content_type
-        )
+        upload_id = file.upload_id  # the agent resumes an upload it had started
+        if upload_id is None:
+            upload_id = await asyncio.to_thread(
+                storage.create_multipart, key, content_type=file.content_type
+            )
         parts = []
         for number, offset in enumerate(range(0, file.size, config.part_size), start=1):
             url = storage.presign_part(

@@ -42,6 +42,14 @@ KINDS = {
     "agent": CredentialKind.AGENT,
 }
 EXIT_USAGE = 2
+MIB = 1024 * 1024
+
+
+def _part_size(value: str) -> int:
+    size = int(value)
+    if size < 5:
+        raise argparse.ArgumentTypeError("parts must be at least 5 MiB (S3's minimum)")
+    return size
 
 
 def _data_dir(value: str | None) -> Path:
@@ -102,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeouts=Timeouts(
             ack_s=args.ack_timeout, lease_ttl_s=args.lease_ttl, heartbeat_interval_s=args.heartbeat
         ),
+        multipart_threshold=args.multipart_threshold_mb * MIB,
+        part_size=args.part_size_mb * MIB,
     )
     store = _open_store(data_dir)
     ready = f"cyberun-gateway listening on {public_url}"
@@ -225,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--heartbeat", type=float, default=15.0, help="agents' status interval (seconds)"
+    )
+    serve.add_argument(
+        "--multipart-threshold-mb",
+        type=int,
+        default=64,
+        help="outputs larger than this are uploaded in parts (default 64)",
+    )
+    serve.add_argument(
+        "--part-size-mb",
+        type=_part_size,
+        default=16,
+        help="multipart part size, at least 5 (S3's minimum; default 16)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)

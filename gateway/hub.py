@@ -45,7 +45,7 @@ from agent.protocol.messages import (
     InputFile as WireInput,
 )
 from gateway.config import GatewayConfig
-from gateway.models import DispatchTarget, TaskStatus
+from gateway.models import DispatchTarget, TargetPool, TaskStatus
 from gateway.scheduler import AgentView, Demand, choose
 from gateway.storage import ObjectStorage
 from gateway.store import Store, TaskRow
@@ -255,10 +255,15 @@ class Hub:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self) -> None:
-        """Assign every dispatchable task to the best eligible agent, oldest first."""
+        """Assign every dispatchable task to the best eligible agent.
+
+        Team tasks go before community tasks (owners first), each group oldest first.
+        """
         pending = self.store.tasks_in({TaskStatus.PENDING, TaskStatus.WAITING})
         if not pending:
             return
+        # owners first: team work is placed before community work (stable: oldest first)
+        pending.sort(key=lambda task: task.target_pool is not TargetPool.TEAM)
         views = {key: conn.view(self._awaiting(key)) for key, conn in self.agents.items()}
         for task in pending:
             if task.dispatch_target is not DispatchTarget.AGENT:

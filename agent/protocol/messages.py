@@ -281,6 +281,8 @@ class UploadFile(Model):
     size: NonNegInt
     content_type: ShortText
     sha256: Sha256Hex
+    upload_id: ShortText | None = None
+    """Resume this multipart upload (fresh part URLs; parts already sent are not re-sent)."""
 
 
 class UploadPart(Model):

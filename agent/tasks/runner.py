@@ -37,12 +37,14 @@ from agent.protocol.messages import (
     ErrorInfo,
     LogLine,
     OutputFile,
+    OutputPart,
     TaskAssign,
     TaskPhase,
     TaskRef,
     TaskUploadUrls,
     Timings,
     UploadFile,
+    UploadTarget,
 )
 from agent.runtimes.base import (
     Injection,
@@ -56,7 +58,7 @@ from agent.runtimes.base import (
 )
 from agent.settings import Settings
 from agent.tasks.reporting import LogBatcher, ProgressCoalescer
-from agent.transfer import TransferError, download, sha256_file, upload, upload_parts
+from agent.transfer import TransferError, download, sha256_file, upload, upload_part
 
 log = structlog.get_logger("agent.runner")
 T = TypeVar("T")
@@ -386,11 +388,13 @@ class TaskRunner:
 
     async def _put(self, output: Output, file: UploadFile) -> OutputFile:
         for refresh in range(URL_REFRESHES):
-            target = (await self.host.upload_urls(self.ref, [file])).files[0]
+            started = self._multipart.get(output.key, {}).get("upload_id")
+            ask = file.model_copy(update={"upload_id": started}) if started else file
+            target = (await self.host.upload_urls(self.ref, [ask])).files[0]
             try:
                 parts = None
                 if target.parts:
-                    parts = await upload_parts(self.http, target.parts, output.path)
+                    parts = await self._upload_multipart(output, target)
                 else:
                     await upload(
                         self.http, target.upload_url or "", target.upload_headers, output.path
@@ -415,6 +419,32 @@ class TaskRunner:
         raise TaskFailure(
             "upload_failed", f"output {output.key}: no usable upload URL"
         )  # pragma: no cover
+
+    async def _upload_multipart(self, output: Output, target: UploadTarget) -> list[OutputPart]:
+        """Upload the parts not yet sent, journaling each one (a restart resumes here)."""
+        assert target.parts is not None  # noqa: S101 - the caller checked
+        record = self._multipart.get(output.key)
+        if record is None or record.get("upload_id") != target.upload_id:
+            record = {"upload_id": target.upload_id, "parts": {}}
+            self._multipart[output.key] = record
+        done: dict[str, str] = record["parts"]
+        results: list[OutputPart] = []
+        offset = 0
+        for part in sorted(target.parts, key=lambda p: p.part_number):
+            etag = done.get(str(part.part_number))
+            if etag is None:
+                etag = (await upload_part(self.http, part, output.path, offset)).etag
+                done[str(part.part_number)] = etag
+                self.host.set_handle(self.ref, self._handle)
+            results.append(OutputPart(part_number=part.part_number, etag=etag))
+            offset += part.size
+        return results
+
+    @property
+    def _multipart(self) -> dict[str, dict[str, Any]]:
+        """Multipart uploads in progress, per output key (lives in the journaled handle)."""
+        found: dict[str, dict[str, Any]] = self._handle.setdefault("multipart", {})
+        return found
 
     def _storage_name(self, output: Output) -> str:
         """A unique, safe object name (two nodes may both write ``out_00001_.png``)."""

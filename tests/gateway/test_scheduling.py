@@ -254,3 +254,15 @@ async def test_agent_key_connects_and_shows_in_agent_list(gw: GatewayProcess) ->
             agents = http.get("/r/agents").json()["agent_list"]
     assert [a["agent_id"] for a in agents] == ["listed"]
     assert agents[0]["region"] == "eu-west"
+
+
+async def test_team_tasks_are_placed_before_older_community_tasks(gw: GatewayProcess) -> None:
+    """When one slot frees up, the team's task wins over an older community task."""
+    dk, wf = fresh_team(gw)
+    other, other_wf = fresh_team(gw)
+    community = submit(gw, other, other_wf, target_pool="community")
+    await wait_status(gw, other, community, "waiting")
+    own = submit(gw, dk, wf)
+    await wait_status(gw, dk, own, "waiting")
+    async with SimAgent(gw.ws_url, dk, "owner-first", community=1) as agent:
+        assert (await agent.next_assign()).task_id == own
