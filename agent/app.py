@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import signal
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from agent import __version__, hardware
 from agent.control.connection import Connection
 from agent.errors import AgentError
 from agent.lifecycle import Lifecycle, Phase
-from agent.protocol.messages import Pool, Tool, ToolInfo
+from agent.protocol.messages import AgentStatus, Pool, SystemStats, Tool, ToolInfo
 from agent.protocol.session import Advert, Session, SessionConfig
 from agent.runtimes.registry import load_runtimes
 from agent.settings import Settings, resolve_agent_id
@@ -36,6 +37,7 @@ log = structlog.get_logger("agent.app")
 ACK_WAIT_S = 10.0
 """How long a stopping agent waits for the gateway to acknowledge its last reports."""
 WATCHDOG_DISCONNECT_GRACE_S = 120.0
+RUNTIME_CHECK_S = 5.0
 
 
 def run(settings: Settings) -> int:
@@ -99,6 +101,12 @@ class Agent:
             for rt in self.runtimes.values()
             if rt.tool in set(Tool)
         )
+        comfyui = self.runtimes.get(Tool.COMFYUI.value)
+        stats = SystemStats(
+            comfyui_version=comfyui.version if comfyui else None,
+            pytorch_version=getattr(comfyui, "pytorch_version", None),
+            os_type=platform.system(),
+        )
         derived = tuple(t.name.value for t in tools)
         labels = tuple(dict.fromkeys((*derived, *self.settings.agent_labels)))
         return Advert(
@@ -106,6 +114,7 @@ class Agent:
             labels=labels,
             region=self.settings.region,
             capability=hardware.capability(self.settings.work_dir),
+            system_stats=stats,
         )
 
     async def main(self) -> int:
@@ -130,6 +139,9 @@ class Agent:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
             try:
+                for runtime in self.runtimes.values():
+                    await runtime.start()
+                self.session.set_advert(self._advert(), time.monotonic())  # now with versions
                 await self._supervise(connection)
             finally:
                 for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,6 +164,7 @@ class Agent:
                     feed_watchdog(self.notifier, self.gate, time.monotonic), name="watchdog"
                 ),
                 group.create_task(self._sample_resources(), name="resources"),
+                group.create_task(self._watch_runtimes(), name="runtime health"),
             ]
             stopper = group.create_task(self._stop_when_told(), name="lifecycle")
             await asyncio.wait({parts[0], stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -163,6 +176,19 @@ class Agent:
         while True:
             self.session.set_resources(hardware.resources(self.settings.work_dir), None)
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
+
+    async def _watch_runtimes(self) -> None:
+        """An unhealthy runtime makes the agent ``unhealthy`` (no new work) until it recovers."""
+        unhealthy: str | None = None
+        while True:
+            failing = [tool for tool, rt in self.runtimes.items() if not await rt.healthy()]
+            reason = f"runtime not healthy: {', '.join(failing)}" if failing else None
+            if reason != unhealthy:
+                unhealthy = reason
+                log.warning("runtime health changed", reason=reason or "healthy")
+                status = AgentStatus.UNHEALTHY if reason else None
+                self.manager.perform(self.session.set_status(status, time.monotonic(), reason))
+            await asyncio.sleep(RUNTIME_CHECK_S)  # the health-check period
 
     async def _link(self, connection: Connection) -> None:
         """The connection, until a fatal error (bad credential, protocol version)."""

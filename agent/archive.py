@@ -1,31 +1,26 @@
 """Safe extraction of input archives (a zip of images for Nerfstudio) into a task workspace.
 
-What it owns: turning one local zip file into plain files under one destination directory,
-and nothing else: it never writes outside that directory, never follows or creates links,
-never applies permission bits or timestamps from the archive, and does not extract nested
-archives (an ``inner.zip`` member is written as a file like any other).
+What it owns: turning one local zip into plain files under one directory, ``dest``. It never
+writes outside it, never creates or follows links, applies no permission bits or timestamps
+from the archive (files 0600, directories 0700) and does not open nested archives.
 
-Before anything is written, every member is checked: the entry count (``max_entries``), its
-name (relative, ``/``-separated, no ``..``, no backslash, no drive letter, no control
-character; each segment passes ``agent.transfer.safe_name``; at most ``max_depth``
-segments), its type (a regular file or a directory: no symlinks, devices or FIFOs), no
-encryption, a supported method (stored or deflated only: those decompress in bounded
-steps), and no two members that would land on the same path, compared after Unicode NFC and
-case folding (a file ``a`` against a directory ``a/`` too). Sizes are then enforced *while*
-decompressing, on the bytes actually produced, never on the sizes the headers declare:
-an entry over ``max_entry_bytes``, an entry whose output exceeds ``max_ratio`` times its
-compressed size once past its first MiB, or a running total over ``max_total_bytes`` stops
-the extraction at once. Memory stays bounded (``CHUNK_SIZE`` reads and writes).
+Before anything is written: the end record's entry count and central directory size, then
+every member: a plain relative ``/``-separated name (no ``..``, backslash, drive, control
+character; each segment passes ``transfer.safe_name``; at most ``max_depth`` segments), a
+regular file or directory (no symlink, device, FIFO), not encrypted, stored or deflated (the
+methods zipfile decompresses in bounded steps), and no two members on one path after NFC and
+case folding (nor a file where a directory goes). While decompressing, on the bytes actually
+produced (headers are not trusted): an entry over ``max_entry_bytes``, or over ``max_ratio``
+times its compressed size once past its first MiB, or a total over ``max_total_bytes`` stops
+at once. Memory stays bounded (``CHUNK_SIZE`` reads and writes).
 
-Atomicity: files are written into a fresh hidden temporary directory inside ``dest`` and
-moved into place only when every member was extracted. On any failure (or interruption)
-everything written is removed and ``dest`` is left as it was: still empty, or absent when
-this call created it. Files are created 0600 and directories 0700. Files are not fsynced.
+Atomicity: members go into a fresh temporary directory inside ``dest``, moved into place once
+all are written. On any failure or interruption everything written is removed and ``dest`` is
+left as it was (empty, or absent when this call created it). Files are not fsynced.
 
-Errors: a refused or unreadable archive raises ``ArchiveError`` (``code``: ``unsafe_archive``,
-``archive_too_large`` or ``bad_archive``; never retryable). A ``dest`` that is not an empty
-directory raises ``ValueError``; local disk failures (``OSError``: a missing archive, disk
-full) propagate unchanged, after the cleanup.
+Errors: ``ArchiveError`` (``unsafe_archive``, ``archive_too_large``, ``bad_archive``; never
+retryable). A ``dest`` that is not an empty directory: ``ValueError``. Local disk failures
+(``OSError``: a missing archive, disk full) propagate unchanged, after the cleanup.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ import contextlib
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import unicodedata
 import zipfile
@@ -41,7 +37,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import IO, Literal
 
 from agent.errors import AgentError
 from agent.transfer import CHUNK_SIZE, TransferError, safe_name
@@ -52,7 +48,9 @@ RATIO_GRACE_BYTES = 1024 * 1024  # an entry's first MiB may compress arbitrarily
 _SUPPORTED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _ENCRYPTED_FLAG = 0x1
 _SHOWN_NAME = 120  # characters of a hostile member name quoted in a message
-_CORRUPT = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
+_DIRECTORY_BYTES_PER_ENTRY = 1024  # central directory allowance per allowed entry (names…)
+_TAIL_BYTES = 22 + 0xFFFF + 76  # end record, longest comment, zip64 record and locator
+_CORRUPT = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, UnicodeDecodeError)
 
 ArchiveErrorCode = Literal["unsafe_archive", "archive_too_large", "bad_archive"]
 
@@ -105,6 +103,7 @@ def extract_zip(archive: Path, dest: Path, limits: ArchiveLimits = DEFAULT_LIMIT
     existed = _check_dest(dest)
     with archive.open("rb") as raw, _translated(archive):
         size = os.fstat(raw.fileno()).st_size
+        _check_directory(raw, size, limits)
         with zipfile.ZipFile(raw) as zf:
             members = _plan(zf.infolist(), size, limits)
             if not existed:
@@ -140,12 +139,36 @@ def _translated(archive: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------ checks
 
 
+def _check_directory(raw: IO[bytes], size: int, limits: ArchiveLimits) -> None:
+    """Refuse an end record declaring too many entries or too big a central directory.
+
+    zipfile parses the whole central directory into memory before its count can be checked;
+    this reads the end record (and its zip64 form) the way zipfile finds them, so a directory
+    of millions of tiny entries is refused first. No end record: zipfile reports it.
+    """
+    raw.seek(max(0, size - _TAIL_BYTES))
+    tail = raw.read()
+    raw.seek(0)
+    end = len(tail) - 22
+    if not (tail[end:].startswith(b"PK\x05\x06") and tail[-2:] == b"\0\0"):
+        end = tail.rfind(b"PK\x05\x06")
+    if not 0 <= end <= len(tail) - 22:
+        return
+    count, directory = struct.unpack_from("<HI", tail, end + 10)
+    if end >= 76 and tail[end - 20 : end - 16] == b"PK\x06\x07":  # zip64 locator
+        count, directory = struct.unpack_from("<QQ", tail, end - 76 + 32)
+    if count > limits.max_entries or directory > limits.max_entries * _DIRECTORY_BYTES_PER_ENTRY:
+        raise ArchiveError(
+            "archive_too_large",
+            f"the central directory declares {count} entries in {directory} bytes, "
+            f"more than {limits.max_entries} entries allow",
+        )
+
+
 def _plan(infos: list[zipfile.ZipInfo], archive_size: int, limits: ArchiveLimits) -> list[_Member]:
     """Check every member before anything is written; return them in archive order."""
     if len(infos) > limits.max_entries:
-        raise ArchiveError(
-            "archive_too_large", f"{len(infos)} entries, more than {limits.max_entries}"
-        )
+        raise ArchiveError("archive_too_large", f"{len(infos)} entries, over {limits.max_entries}")
     members = []
     for info in infos:
         _check_entry(info, archive_size)
@@ -156,38 +179,30 @@ def _plan(infos: list[zipfile.ZipInfo], archive_size: int, limits: ArchiveLimits
 
 def _check_entry(info: zipfile.ZipInfo, archive_size: int) -> None:
     """Refuse links and special files, encryption, odd methods, data past the archive end."""
-    name = _shown(info.orig_filename)
+    name = info.orig_filename
     kind = stat.S_IFMT(info.external_attr >> 16)
-    if kind not in {0, stat.S_IFREG, stat.S_IFDIR} or (
-        kind == stat.S_IFDIR and not info.is_dir()
-    ):
-        raise ArchiveError("unsafe_archive", f"member {name} is a symlink or special file")
+    if kind not in {0, stat.S_IFREG, stat.S_IFDIR} or (kind == stat.S_IFDIR and not info.is_dir()):
+        raise _refused("unsafe_archive", name, "is a symlink or special file")
     if info.flag_bits & _ENCRYPTED_FLAG:
-        raise ArchiveError("bad_archive", f"member {name} is encrypted")
+        raise _refused("bad_archive", name, "is encrypted")
     if info.compress_type not in _SUPPORTED_METHODS:
-        raise ArchiveError(
-            "bad_archive", f"member {name}: compression method {info.compress_type} unsupported"
-        )
-    if info.header_offset + info.compress_size > archive_size:
-        raise ArchiveError("bad_archive", f"member {name} claims data past the archive's end")
+        raise _refused("bad_archive", name, f"uses unsupported method {info.compress_type}")
+    if not 0 <= info.header_offset <= archive_size - info.compress_size:
+        raise _refused("bad_archive", name, "claims data outside the archive")
 
 
 def _parts(name: str, max_depth: int) -> tuple[str, ...]:
     """Return the path segments of a member name, refusing anything but a plain relative path."""
     if name.startswith("/") or "\\" in name:
-        raise ArchiveError(
-            "unsafe_archive", f"member {_shown(name)}: absolute path or backslash separator"
-        )
+        raise _refused("unsafe_archive", name, "is absolute or uses backslash separators")
     parts = tuple(name.removesuffix("/").split("/"))
     if len(parts) > max_depth:
-        raise ArchiveError(
-            "unsafe_archive", f"member {_shown(name)}: deeper than {max_depth} segments"
-        )
+        raise _refused("unsafe_archive", name, f"is deeper than {max_depth} segments")
     for part in parts:
         try:
             safe_name(part)
         except TransferError as exc:
-            raise ArchiveError("unsafe_archive", f"member {_shown(name)}: {exc}") from exc
+            raise _refused("unsafe_archive", name, f"is refused: {str(exc)[:300]}") from exc
     return parts
 
 
@@ -199,26 +214,24 @@ def _check_collisions(members: list[_Member]) -> None:
     for member in members:
         key = _key(member.parts)
         if key in seen:
-            raise ArchiveError(
-                "unsafe_archive", f"member {_shown(member.info.orig_filename)} is a duplicate"
-            )
+            raise _refused("unsafe_archive", member.info.orig_filename, "is a duplicate")
         seen.add(key)
         if not member.is_dir:
             files[key] = member.info.orig_filename
         dirs.update(_key(member.parts[:depth]) for depth in range(1, len(member.parts)))
     clash = sorted(files.keys() & dirs)
     if clash:
-        raise ArchiveError(
-            "unsafe_archive", f"member {_shown(files[clash[0]])} is both a file and a directory"
-        )
+        raise _refused("unsafe_archive", files[clash[0]], "is both a file and a directory")
 
 
 def _key(parts: tuple[str, ...]) -> str:
     return unicodedata.normalize("NFC", "/".join(parts)).casefold()
 
 
-def _shown(name: str) -> str:
-    return repr(name[:_SHOWN_NAME]) + ("…" if len(name) > _SHOWN_NAME else "")
+def _refused(code: ArchiveErrorCode, name: str, why: str) -> ArchiveError:
+    """Return the error for member ``name`` (quoted, cut to ``_SHOWN_NAME`` characters)."""
+    shown = repr(name[:_SHOWN_NAME]) + ("…" if len(name) > _SHOWN_NAME else "")
+    return ArchiveError(code, f"member {shown} {why}")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -233,16 +246,20 @@ def _extract_and_move(
     try:
         written = _extract_all(zf, members, temp, limits)
         for top in dict.fromkeys(member.parts[0] for member in members):
-            target = dest / top
-            if target.is_symlink() or target.exists():
-                raise ArchiveError("unsafe_archive", f"member {_shown(top)} collides in {dest}")
-            (temp / top).rename(target)
-            moved.append(target)
+            _move(temp / top, dest / top, moved)
         temp.rmdir()
     except BaseException:
         _remove([temp, *moved])
         raise
     return [dest / path.relative_to(temp) for path in written]
+
+
+def _move(source: Path, target: Path, moved: list[Path]) -> None:
+    """Rename ``source`` to ``target`` (which must not exist) and record it in ``moved``."""
+    if target.is_symlink() or target.exists():  # only our own temp dir's name could be there
+        raise _refused("unsafe_archive", target.name, f"collides in {target.parent}")
+    source.rename(target)
+    moved.append(target)
 
 
 def _extract_all(
@@ -252,13 +269,14 @@ def _extract_all(
     made: set[Path] = {root}
     written: list[Path] = []
     total = 0
+    real_root = root.resolve()
     for member in members:
         target = root.joinpath(*member.parts)
         _make_dirs(target if member.is_dir else target.parent, made)
         if member.is_dir:
             continue
-        if not target.resolve().is_relative_to(root.resolve()):  # cannot happen after _parts
-            raise ArchiveError("unsafe_archive", f"member {_shown(member.info.orig_filename)}")
+        if not target.resolve().is_relative_to(real_root):  # cannot happen after _parts
+            raise _refused("unsafe_archive", member.info.orig_filename, "resolves outside")
         total = _write_file(zf, member.info, target, total, limits)
         written.append(target)
     return written
@@ -283,11 +301,14 @@ def _write_file(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with os.fdopen(os.open(target, flags, 0o600), "wb") as out, zf.open(info) as source:
         os.fchmod(out.fileno(), 0o600)
-        return _copy(source, out, info, total, limits)
+        new_total = _copy(source, out, info, total, limits)
+    if new_total - total != info.file_size:  # zipfile stops at the declared size; never past
+        raise _refused("bad_archive", info.orig_filename, "is shorter than its header says")
+    return new_total
 
 
 def _copy(
-    source: BinaryIO, out: BinaryIO, info: zipfile.ZipInfo, total: int, limits: ArchiveLimits
+    source: IO[bytes], out: IO[bytes], info: zipfile.ZipInfo, total: int, limits: ArchiveLimits
 ) -> int:
     size = 0
     while chunk := source.read(CHUNK_SIZE):
@@ -300,16 +321,11 @@ def _copy(
 
 def _check_sizes(info: zipfile.ZipInfo, size: int, total: int, limits: ArchiveLimits) -> None:
     """Refuse, mid-entry, an entry too large or too compressed, or a total too large."""
-    name = _shown(info.orig_filename)
+    name = info.orig_filename
     if size > limits.max_entry_bytes:
-        raise ArchiveError(
-            "archive_too_large", f"member {name} exceeds {limits.max_entry_bytes} bytes"
-        )
+        raise _refused("archive_too_large", name, f"exceeds {limits.max_entry_bytes} bytes")
     if size > RATIO_GRACE_BYTES and size > limits.max_ratio * max(info.compress_size, 1):
-        raise ArchiveError(
-            "archive_too_large",
-            f"member {name} expands more than {limits.max_ratio:g}x (a zip bomb)",
-        )
+        raise _refused("archive_too_large", name, f"expands over {limits.max_ratio:g}x (a bomb)")
     if total > limits.max_total_bytes:
         raise ArchiveError(
             "archive_too_large", f"the archive expands past {limits.max_total_bytes} bytes"

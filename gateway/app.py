@@ -12,6 +12,7 @@ from agent.protocol.messages import WS_PATH
 from gateway.agent_ws import AgentEndpoint
 from gateway.api import agents, files, runs, tasks, workflows
 from gateway.api.deps import Services, install_error_handlers
+from gateway.cloud import CloudRunner
 from gateway.config import GatewayConfig
 from gateway.events import EventBus
 from gateway.hub import Hub
@@ -37,17 +38,22 @@ def create_app(
     bus = EventBus(store)
     task_service = TaskService(store, bus)
     hub = Hub(config, store, task_service, storage)
+    if config.comfy_cloud_url:
+        hub.cloud = CloudRunner(config, store, task_service, storage)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with asyncio.TaskGroup() as group:
             loop = group.create_task(hub.run(), name="hub")
+            cloud = group.create_task(hub.cloud.run(), name="cloud") if hub.cloud else None
             if on_ready is not None:
                 on_ready()
             try:
                 yield
             finally:
                 loop.cancel()
+                if cloud is not None:
+                    cloud.cancel()
 
     app = FastAPI(
         title="Cyberun reference gateway",

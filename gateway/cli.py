@@ -112,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         multipart_threshold=args.multipart_threshold_mb * MIB,
         part_size=args.part_size_mb * MIB,
+        comfy_cloud_url=args.comfy_cloud_url,
+        comfy_cloud_key=os.environ.get("CYBERUN_GATEWAY_COMFY_CLOUD_API_KEY") or None,
     )
     store = _open_store(data_dir)
     ready = f"cyberun-gateway listening on {public_url}"
@@ -235,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--heartbeat", type=float, default=15.0, help="agents' status interval (seconds)"
+    )
+    serve.add_argument(
+        "--comfy-cloud-url",
+        help="ComfyUI-compatible endpoint for dispatch_target comfy_cloud "
+        "(API key from CYBERUN_GATEWAY_COMFY_CLOUD_API_KEY); unset: comfy_cloud is refused",
     )
     serve.add_argument(
         "--multipart-threshold-mb",

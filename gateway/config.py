@@ -39,3 +39,7 @@ class GatewayConfig:
     """Default per-file cap of ``/r/files/presign`` (documented: 500 MB)."""
     multipart_threshold: int = 64 * 1024 * 1024
     part_size: int = 16 * 1024 * 1024
+    comfy_cloud_url: str | None = None
+    """A ComfyUI-compatible endpoint for ``dispatch_target: comfy_cloud`` (None: refused)."""
+    comfy_cloud_key: str | None = None
+    """Its API key, sent as ``Authorization: Bearer``."""

@@ -44,6 +44,7 @@ from agent.protocol.messages import (
 from agent.protocol.messages import (
     InputFile as WireInput,
 )
+from gateway.cloud import CLOUD_AGENT_KEY, CloudRunner
 from gateway.config import GatewayConfig
 from gateway.models import DispatchTarget, TargetPool, TaskStatus
 from gateway.scheduler import AgentView, Demand, choose
@@ -165,6 +166,7 @@ class Hub:
         self.storage = storage
         self.agents: dict[str, AgentConn] = {}
         self.deadlines = _Deadlines()
+        self.cloud: CloudRunner | None = None
         self._wake = asyncio.Event()
         self._recover()
 
@@ -173,6 +175,8 @@ class Hub:
     def wake(self) -> None:
         """Ask the loop to run a dispatch pass soon."""
         self._wake.set()
+        if self.cloud is not None:
+            self.cloud.wake()
 
     async def run(self) -> None:
         """Dispatch and keep deadlines until cancelled."""
@@ -421,7 +425,9 @@ class Hub:
         """Cancel a task for its submitter (no-op when terminal); its agent is told."""
         if task.task_status.terminal:
             return task
-        if task.agent_key and task.task_status in {TaskStatus.QUEUED, TaskStatus.RUNNING}:
+        if task.agent_key == CLOUD_AGENT_KEY and self.cloud is not None:
+            self.cloud.cancel(task.id)
+        elif task.agent_key and task.task_status in {TaskStatus.QUEUED, TaskStatus.RUNNING}:
             self.tell_cancel(task.agent_key, task.id, task.attempt, reason)
         cancelled = self.tasks.cancel(task, reason) or task
         self.finished(task.id)

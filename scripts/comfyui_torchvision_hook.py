@@ -27,6 +27,7 @@ strings of its ``_C.so`` show).
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import sys
 from collections.abc import Sequence
@@ -39,36 +40,58 @@ TARGET = "torchvision"
 SCHEMAS: tuple[str, ...] = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
-    "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
-    "int sampling_ratio, bool aligned) -> Tensor",
-    "qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, "
-    "float rois_scale, int rois_zero_point, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
-    "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)",
-    "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
-    "float spatial_scale, SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
-    "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor",
-    "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width) -> (Tensor, Tensor)",
-    "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
-    "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
-    "SymInt height, SymInt width) -> Tensor",
-    "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width) -> (Tensor, Tensor)",
-    "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
-    "float spatial_scale, SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
-    "SymInt channels, SymInt height, SymInt width) -> Tensor",
-    "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
-    "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
-    "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor",
-    "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, "
-    "Tensor mask, Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, "
-    "SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, "
-    "bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    (
+        "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    (
+        "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+        "int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    (
+        "qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, "
+        "float rois_scale, int rois_zero_point, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    (
+        "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)"
+    ),
+    (
+        "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+        "float spatial_scale, SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
+        "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor"
+    ),
+    (
+        "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width) -> (Tensor, Tensor)"
+    ),
+    (
+        "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
+        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+        "SymInt height, SymInt width) -> Tensor"
+    ),
+    (
+        "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width) -> (Tensor, Tensor)"
+    ),
+    (
+        "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+        "float spatial_scale, SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
+        "SymInt channels, SymInt height, SymInt width) -> Tensor"
+    ),
+    (
+        "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+        "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
+        "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"
+    ),
+    (
+        "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, "
+        "Tensor mask, Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, "
+        "SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, "
+        "bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 )
 
 # The torch.library.Library that owns the schemas: kept alive for the life of the
@@ -113,8 +136,7 @@ def _uninstall(finder: _TorchvisionFinder) -> None:
 
 def _prepare() -> None:
     """Load torchvision's real operators, or define their schemas when they cannot load."""
-    import torch  # noqa: PLC0415 -- only when torchvision is imported, never at start-up
-
+    torch: Any = importlib.import_module("torch")  # now, never at interpreter start-up
     if _real_library_loads(torch):
         return
     library = torch.library.Library(TARGET, "FRAGMENT")

@@ -36,9 +36,15 @@ class AgentProcess:
     lines: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     seen: list[dict[str, Any]] = field(default_factory=list)
 
-    def wait_log(self, event: str, timeout: float = 20, **match: Any) -> dict[str, Any]:
-        """Wait for a log record with this ``event`` (and fields); fail after ``timeout``."""
-        for record in self.seen:
+    def wait_log(
+        self, event: str, timeout: float = 20, since: int = 0, **match: Any
+    ) -> dict[str, Any]:
+        """Wait for a log record with this ``event`` (and fields); fail after ``timeout``.
+
+        ``since`` skips the first records already seen (``len(agent.seen)`` before an action
+        waits for a record that action causes).
+        """
+        for record in self.seen[since:]:
             if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
                 return record
         deadline = time.monotonic() + timeout

@@ -2,5 +2,6 @@
 
 from __future__ import annotations
 
-# One session-wide real SeaweedFS S3 server, started only by tests that ask for `seaweedfs`.
-pytest_plugins = ["tests.seaweedfs"]
+# Session-wide real servers (SeaweedFS S3, ComfyUI on the CPU), started only by tests that
+# ask for their fixture.
+pytest_plugins = ["tests.seaweedfs", "tests.comfyui"]

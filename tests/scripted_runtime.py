@@ -67,6 +67,9 @@ class ScriptedRuntime:
         """No process until a task runs."""
         self._running: dict[str, tuple[ManagedProcess, dict[str, bool]]] = {}
 
+    async def start(self) -> None:
+        """Nothing to start."""
+
     async def healthy(self) -> bool:
         """Always ready."""
         return True

@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[set[str]] = [
     {"agent.errors", "agent.protocol", "agent.settings", "agent.config_sources"},
     {"agent.logs"},
-    {"agent.runtimes", "agent.transfer", "agent.hardware", "agent.health", "agent.sync"},
+    {
+        "agent.runtimes",
+        "agent.transfer",
+        "agent.archive",
+        "agent.hardware",
+        "agent.health",
+        "agent.sync",
+    },
     {"agent.policy", "agent.tasks"},
     {"agent.control"},
     {"agent.observe", "agent.systemd", "agent.lifecycle", "agent.app"},
@@ -24,7 +31,12 @@ FORBIDDEN: dict[str, set[str]] = {
     "agent.runtimes": {"agent.control", "agent.protocol"},
     "gateway": {"agent"},  # except the allowances below
 }
-GATEWAY_MAY_IMPORT = ("agent.protocol", "agent.runtimes.comfyui", "agent.logs")
+GATEWAY_MAY_IMPORT = (
+    "agent.protocol",
+    "agent.runtimes.comfyui",
+    "agent.runtimes.base",
+    "agent.logs",
+)
 
 
 def module_name(path: Path) -> str:

@@ -110,6 +110,10 @@ class Runtime(Protocol):
     tool: str
     version: str | None
 
+    async def start(self) -> None:
+        """Get ready before the agent connects (launch a supervised server, read versions)."""
+        ...
+
     async def healthy(self) -> bool:
         """Whether the runtime can take a task now."""
         ...

@@ -356,6 +356,9 @@ class _MissingRuntime:
     tool: str
     version: str | None = None
 
+    async def start(self) -> None:
+        return None
+
     async def healthy(self) -> bool:
         return False
 

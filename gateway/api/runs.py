@@ -19,6 +19,7 @@ from gateway.models import (
     RunAccepted,
     RunRequest,
     TaskStatus,
+    ToolType,
     Workflow,
     WorkflowStatus,
 )
@@ -67,13 +68,7 @@ async def submit(
         )
     target = request.dispatch_target or workflow.default_dispatch_target
     if target is DispatchTarget.COMFY_CLOUD:
-        raise ApiError(
-            400,
-            "validation_error",
-            "dispatch_target comfy_cloud is not configured on this gateway",
-            field="dispatch_target",
-            rule="not_configured",
-        )
+        _check_cloud(svc, workflow)
     files = await _file_metas(svc, keys_to_lookup(workflow, request.parameters))
     resolved = resolve_parameters(
         workflow, request.parameters, team_id=principal.team_id, files=files
@@ -109,6 +104,26 @@ async def submit(
     svc.tasks.create(row)
     svc.hub.wake()
     return RunAccepted(task_id=row.id)
+
+
+def _check_cloud(svc: Services, workflow: Workflow) -> None:
+    """comfy_cloud needs a configured endpoint and a ComfyUI workflow."""
+    if not svc.config.comfy_cloud_url:
+        raise ApiError(
+            400,
+            "validation_error",
+            "dispatch_target comfy_cloud is not configured on this gateway",
+            field="dispatch_target",
+            rule="not_configured",
+        )
+    if workflow.tool_type is not ToolType.COMFYUI:
+        raise ApiError(
+            400,
+            "validation_error",
+            "dispatch_target comfy_cloud runs ComfyUI workflows only",
+            field="dispatch_target",
+            rule="tool_type",
+        )
 
 
 async def _file_metas(svc: Services, keys: list[str]) -> dict[str, FileMeta]:

@@ -92,6 +92,9 @@ class OneFileRuntime:
         """Produce ``data``."""
         self.data = data
 
+    async def start(self) -> None:
+        """Nothing to start."""
+
     async def healthy(self) -> bool:
         """Ready."""
         return True

@@ -1,0 +1,1 @@
+"""The ComfyUI runtime: client, pure graph handling, supervision, and the Runtime itself."""

@@ -1,0 +1,321 @@
+"""The ComfyUI runtime: runs a task's API-format graph on a real ComfyUI server.
+
+Attach to ``runtimes.comfyui.url`` or launch and supervise ComfyUI
+(``runtimes.comfyui.launch``). Per task:
+
+- **prepare**: injections applied to the graph (nodes and fields must exist), file inputs
+  uploaded through ``/upload/image`` and substituted, every ``class_type`` checked against
+  ``/object_info`` — so a bad graph fails before anything runs;
+- **run**: the ``/ws`` stream opened with the task's client id BEFORE ``POST /prompt`` with
+  a prompt id derived from task id + attempt (journaled: a restarted agent finds the same
+  prompt again); ``progress`` → task progress; ``executed`` → outputs downloaded via
+  ``/view`` and handed over for upload at once; ``/history`` is the truth (read after
+  ``executing {node: null}``, and polled when the WebSocket drops);
+- **interrupt**: ``/interrupt`` when running, ``/queue`` delete when pending;
+- **resume**: a prompt still queued or running is followed again; a finished one has its
+  outputs collected; a prompt ComfyUI no longer knows cannot be resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mimetypes
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from agent.runtimes.base import (
+    Output,
+    Progress,
+    RuntimeEvents,
+    TaskFailure,
+    TaskInterrupted,
+    TaskSpec,
+)
+from agent.runtimes.comfyui.client import ComfyClient, ComfyError, EventStream, PromptRejectedError
+from agent.runtimes.comfyui.supervisor import ComfyProcess
+from agent.runtimes.comfyui.workflow import (
+    OutputRef,
+    apply_injections,
+    execution_failure,
+    output_refs,
+    prompt_id_for,
+    prompt_rejection,
+    unknown_classes,
+)
+
+log = structlog.get_logger("agent.comfyui")
+T = TypeVar("T")
+OBJECT_INFO_TTL_S = 60.0
+HISTORY_POLL_S = 0.5
+HISTORY_AFTER_SUCCESS_S = 10.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class _Run:
+    prompt_id: str
+    workspace: Path
+    events: RuntimeEvents
+    collected: dict[str, Output] = field(default_factory=dict)
+
+
+class ComfyUIRuntime:
+    """See the module docstring."""
+
+    tool = "comfyui"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        process: ComfyProcess | None = None,
+        ready_timeout: float = 120.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Talk to ComfyUI at ``url`` (supervising ``process`` in launch mode)."""
+        self.client = ComfyClient(url, headers=headers)
+        self.process = process
+        self.ready_timeout = ready_timeout
+        self.version: str | None = None
+        self.pytorch_version: str | None = None
+        self._object_info: tuple[float, dict[str, Any]] | None = None
+        self._graphs: dict[str, dict[str, Any]] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Launch ComfyUI (launch mode) and wait for it; read its versions."""
+        if self.process is not None and self._supervisor is None:
+            self._supervisor = asyncio.create_task(self.process.run(), name="comfyui supervisor")
+            try:
+                await asyncio.wait_for(self.process.ready.wait(), self.ready_timeout)
+            except TimeoutError:
+                log.warning("ComfyUI is not ready yet; the agent stays unhealthy until it is")
+        await self._read_versions()
+
+    async def _read_versions(self) -> None:
+        try:
+            system = (await self.client.system_stats()).get("system", {})
+        except ComfyError:
+            return
+        self.version = str(system.get("comfyui_version") or "") or None
+        self.pytorch_version = str(system.get("pytorch_version") or "") or None
+
+    async def healthy(self) -> bool:
+        """ComfyUI answers ``/system_stats`` (and, supervised, is marked ready)."""
+        if self.process is not None and not self.process.ready.is_set():
+            return False
+        try:
+            await self.client.system_stats()
+        except ComfyError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the supervised server and close the client."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.wait({self._supervisor})
+            self._supervisor = None
+        await self.client.close()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def prepare(self, spec: TaskSpec, workspace: Path) -> None:
+        """Apply injections, upload file inputs, check node classes (before anything runs)."""
+        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        del workspace  # ComfyUI reads its inputs from its own input/ directory
+        injections = []
+        for given in spec.injections:
+            injection = given
+            if given.type == "file" and given.key in spec.inputs:
+                path = spec.inputs[given.key]
+                name = f"{prompt_id[:8]}-{_UNSAFE.sub('_', path.name)}"
+                uploaded = await self._comfy(self.client.upload_image(path, name))
+                injection = replace(given, value=uploaded)
+            injections.append(injection)
+        graph = apply_injections(spec.workflow, injections)
+        missing = unknown_classes(graph, await self._classes())
+        if missing:
+            node_id, class_type = missing[0]
+            raise TaskFailure(
+                "unsupported_node",
+                f"node {node_id}: class_type {class_type!r} is not installed",
+                node_id=node_id,
+            )
+        self._graphs[prompt_id] = graph
+
+    async def run(self, spec: TaskSpec, workspace: Path, events: RuntimeEvents) -> list[Output]:
+        """Queue the graph and follow it to its end; return every output file."""
+        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        graph = self._graphs.pop(prompt_id, None)
+        if graph is None:
+            await self.prepare(spec, workspace)
+            graph = self._graphs.pop(prompt_id)
+        run = _Run(prompt_id, workspace / "outputs", events)
+        run.workspace.mkdir(parents=True, exist_ok=True)
+        events.handle({"prompt_id": prompt_id})
+        async with _events_or_none(self.client, prompt_id) as stream:
+            try:
+                queued = await self.client.post_prompt(graph, prompt_id, prompt_id)
+            except PromptRejectedError as rejected:
+                raise prompt_rejection(rejected.body) from None
+            except ComfyError as exc:
+                raise TaskFailure("runtime_unavailable", str(exc), retryable=True) from exc
+            if queued.get("node_errors"):
+                # ComfyUI queues the valid part of a partly invalid graph: refuse the whole
+                await self._comfy(self.client.delete_pending(prompt_id))
+                await self._comfy(self.client.interrupt(prompt_id))
+                raise prompt_rejection(queued)
+            if stream is not None:
+                await self._follow(stream, run)
+        return await self._finish(run)
+
+    async def interrupt(self, spec: TaskSpec) -> None:
+        """Interrupt the running prompt, or drop it from the queue if it has not started."""
+        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        state = await self._comfy(self.client.queue_state(prompt_id))
+        if state == "running":
+            await self._comfy(self.client.interrupt(prompt_id))
+        elif state == "pending":
+            await self._comfy(self.client.delete_pending(prompt_id))
+
+    async def resume(
+        self, spec: TaskSpec, workspace: Path, handle: Mapping[str, Any], events: RuntimeEvents
+    ) -> list[Output] | None:
+        """Re-attach to the journaled prompt if ComfyUI still knows it."""
+        prompt_id = str(handle.get("prompt_id") or prompt_id_for(spec.task_id, spec.attempt))
+        run = _Run(prompt_id, workspace / "outputs", events)
+        run.workspace.mkdir(parents=True, exist_ok=True)
+        try:
+            known = await self.client.history(prompt_id) is not None
+            known = known or await self.client.queue_state(prompt_id) is not None
+        except ComfyError:
+            return None
+        if not known:
+            return None
+        log.info("re-attached to a ComfyUI prompt", prompt_id=prompt_id)
+        return await self._finish(run)
+
+    # ------------------------------------------------------------------ following
+
+    async def _follow(self, stream: EventStream, run: _Run) -> None:
+        """Follow WebSocket events until ``executing {node: null}`` for our prompt."""
+        current: str | None = None
+        while (event := await stream.next()) is not None:
+            kind, data = event.get("type"), event.get("data") or {}
+            if not isinstance(data, dict) or data.get("prompt_id", run.prompt_id) != run.prompt_id:
+                continue
+            if kind == "executing":
+                current = data.get("node")
+                if current is None:
+                    return
+            elif kind == "progress":
+                run.events.progress(_progress(data, current))
+            elif kind == "executed":
+                await self._collect(run, {str(data.get("node")): data.get("output") or {}})
+            elif kind == "execution_error":
+                raise execution_failure(data)
+            elif kind == "execution_interrupted":
+                raise TaskInterrupted
+        log.warning(
+            "ComfyUI event stream ended; following /history instead", prompt_id=run.prompt_id
+        )
+
+    async def _finish(self, run: _Run) -> list[Output]:
+        """Read the outcome from ``/history`` (polling until it is there); collect outputs."""
+        entry = await self._history_when_done(run.prompt_id)
+        status = entry.get("status") or {}
+        for name, data in status.get("messages") or []:
+            if name == "execution_error" and isinstance(data, dict):
+                raise execution_failure(data)
+            if name == "execution_interrupted":
+                raise TaskInterrupted
+        await self._collect(run, entry.get("outputs") or {})
+        return list(run.collected.values())
+
+    async def _history_when_done(self, prompt_id: str) -> dict[str, Any]:
+        while True:
+            entry = await self._comfy(self.client.history(prompt_id))
+            if entry is not None and (entry.get("status") or {}).get("completed") is not None:
+                return entry
+            if entry is None and await self._comfy(self.client.queue_state(prompt_id)) is None:
+                # neither queued nor in history: ComfyUI lost it (a restart, a crash)
+                deadline = time.monotonic() + HISTORY_AFTER_SUCCESS_S
+                while (entry := await self._comfy(self.client.history(prompt_id))) is None:
+                    if time.monotonic() > deadline:
+                        raise TaskFailure(
+                            "runtime_lost_prompt",
+                            "ComfyUI no longer knows this prompt",
+                            retryable=True,
+                        )
+                    await asyncio.sleep(HISTORY_POLL_S)
+                return entry
+            await asyncio.sleep(
+                HISTORY_POLL_S
+            )  # polling /history: ComfyUI offers no other signal here
+
+    async def _collect(self, run: _Run, outputs: Mapping[str, Any]) -> None:
+        for ref in output_refs(outputs):
+            if ref.key in run.collected or ref.kind == "temp":
+                continue
+            dest = run.workspace / _file_name(ref)
+            await self._comfy(self.client.download(ref.filename, ref.subfolder, ref.kind, dest))
+            output = Output(ref.key, dest, _content_type(ref.filename))
+            run.collected[ref.key] = output
+            run.events.output(output)
+
+    async def _classes(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._object_info is None or now - self._object_info[0] > OBJECT_INFO_TTL_S:
+            self._object_info = (now, await self._comfy(self.client.object_info()))
+        return self._object_info[1]
+
+    @staticmethod
+    async def _comfy(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except ComfyError as exc:
+            raise TaskFailure("runtime_unavailable", str(exc), retryable=True) from exc
+
+
+@asynccontextmanager
+async def _events_or_none(client: ComfyClient, client_id: str) -> AsyncIterator[EventStream | None]:
+    """The prompt's event stream, or ``None`` when the WebSocket cannot be opened."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            stream: EventStream | None = await stack.enter_async_context(client.events(client_id))
+        except ComfyError:
+            log.warning("ComfyUI WebSocket unavailable; following /history only")
+            stream = None
+        yield stream
+
+
+def _progress(data: Mapping[str, Any], current: str | None) -> Progress:
+    value, maximum = int(data.get("value") or 0), int(data.get("max") or 0)
+    node = str(data.get("node") or current or "") or None
+    return Progress(
+        progress=value / maximum if maximum else 0.0,
+        current_node=node,
+        step_current=value,
+        step_total=maximum,
+    )
+
+
+def _file_name(ref: OutputRef) -> str:
+    key = _UNSAFE.sub("-", ref.key)
+    return f"{key}-{_UNSAFE.sub('_', ref.filename)}"[:200]
+
+
+def _content_type(filename: str) -> str:
+    guessed, _ = mimetypes.guess_type(filename)
+    return guessed or "application/octet-stream"

@@ -1,0 +1,131 @@
+"""Launch mode: start ComfyUI as a child process group, keep it up, stop it with the agent.
+
+Readiness follows the process, not a fixed wait: the child must be alive and answer
+``/system_stats`` and ``/object_info``. When it dies it is restarted with jittered
+exponential backoff (``stamina``); ``ready`` is cleared meanwhile, which makes the agent
+``unhealthy`` (no new tasks) until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import stamina
+import structlog
+
+from agent.errors import AgentError
+from agent.runtimes.process import ManagedProcess, Stream
+
+log = structlog.get_logger("agent.comfyui")
+READY_POLL_S = 0.25
+
+
+class LaunchError(AgentError):
+    """ComfyUI could not be started or did not become ready in time."""
+
+
+class ComfyProcess:
+    """One supervised ComfyUI server on ``127.0.0.1:port``."""
+
+    def __init__(
+        self,
+        python: Path,
+        main: Path,
+        *,
+        port: int,
+        args: Sequence[str] = (),
+        base_directory: Path | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 120.0,
+    ) -> None:
+        """Describe the server; nothing starts until :meth:`run`."""
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [
+            str(python),
+            str(main),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+        ]
+        if base_directory is not None:
+            argv += ["--base-directory", str(base_directory)]
+        self.argv = [*argv, *args]
+        self.cwd = main.parent
+        self.env = env if env is not None else dict(os.environ)
+        self.ready_timeout = ready_timeout
+        self.ready = asyncio.Event()
+        self.exited = asyncio.Event()
+        self.restarts = 0
+        self._process: ManagedProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The current server's pid."""
+        return self._process.pid if self._process else None
+
+    async def run(self) -> None:
+        """Keep ComfyUI running until cancelled (then stop it)."""
+        async for attempt in stamina.retry_context(
+            on=LaunchError, attempts=None, timeout=None, wait_initial=1.0, wait_max=30.0
+        ):
+            with attempt:
+                await self._once()
+
+    async def _once(self) -> None:
+        started = time.monotonic()
+        self.exited.clear()
+        try:
+            process = await ManagedProcess.start(
+                self.argv, cwd=self.cwd, env=self.env, on_line=self._line
+            )
+        except AgentError as exc:
+            raise LaunchError(f"cannot start ComfyUI: {exc}") from exc
+        self._process = process
+        try:
+            async with process:
+                await self._wait_ready(process)
+                log.info(
+                    "ComfyUI is ready",
+                    url=self.url,
+                    pid=process.pid,
+                    seconds=round(time.monotonic() - started, 1),
+                )
+                self.ready.set()
+                code = await process.wait()
+        finally:
+            self.ready.clear()
+            self.exited.set()
+            self._process = None
+        self.restarts += 1
+        log.warning("ComfyUI exited; restarting", exit_code=code)
+        raise LaunchError(f"ComfyUI exited with {code}")
+
+    async def _wait_ready(self, process: ManagedProcess) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        async with httpx.AsyncClient(base_url=self.url, timeout=5, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if process.returncode is not None:
+                    raise LaunchError(f"ComfyUI exited during start-up with {process.returncode}")
+                with contextlib.suppress(httpx.HTTPError):
+                    stats = await http.get("/system_stats")
+                    info = await http.get("/object_info")
+                    if stats.status_code == 200 and info.status_code == 200:
+                        return
+                await asyncio.sleep(READY_POLL_S)  # probing a starting server: nothing to await
+        raise LaunchError(f"ComfyUI was not ready within {self.ready_timeout:g} s")
+
+    async def stop(self) -> None:
+        """Stop the server now (the supervisor, if running, will restart it)."""
+        if self._process is not None:
+            await self._process.stop(interrupt_grace=5, term_grace=5)
+
+    def _line(self, stream: Stream, line: str) -> None:
+        log.debug("comfyui", stream=stream, line=line[:500])
