@@ -433,6 +433,8 @@ _TEMPLATE = """\
 #       port: 8188
 ##      ComfyUI's --base-directory (models, custom_nodes, input, output); null = its own.
 #       base_directory: null
+##      One ComfyUI per GPU index listed (CUDA_VISIBLE_DEVICES, consecutive ports); [] = one.
+#       gpus: []
 #   nerfstudio:
 ##    Offer Nerfstudio tasks (ns-train, ns-export).
 #     enabled: false

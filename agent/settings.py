@@ -372,6 +372,11 @@ class ComfyUILaunch(BaseModel):
     args: tuple[str, ...] = ()
     port: int = Field(default=8188, ge=1, le=65535)
     base_directory: ExpandedPath | None = None
+    gpus: Annotated[
+        tuple[Annotated[int, Field(ge=0, le=63)], ...], BeforeValidator(split_commas)
+    ] = ()
+    """One ComfyUI per listed GPU (``CUDA_VISIBLE_DEVICES``, ports ``port``, ``port+1``…);
+    empty: a single ComfyUI with every device visible."""
 
 
 class ComfyUISettings(BaseModel):

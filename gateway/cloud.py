@@ -75,7 +75,7 @@ class CloudRunner:
         headers = (
             {"Authorization": f"Bearer {config.comfy_cloud_key}"} if config.comfy_cloud_key else {}
         )
-        self.runtime = ComfyUIRuntime(config.comfy_cloud_url, headers=headers)
+        self.runtime = ComfyUIRuntime.attach(config.comfy_cloud_url, headers=headers)
         self.config = config
         self.store = store
         self.tasks = tasks

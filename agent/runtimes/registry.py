@@ -8,10 +8,13 @@ adds plugin runtimes as ``module:factory`` where ``factory(settings)`` returns a
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from agent.errors import ConfigError
 from agent.runtimes.base import Runtime
 from agent.runtimes.comfyui.runtime import ComfyUIRuntime
+from agent.runtimes.comfyui.servers import ServerPool
 from agent.runtimes.comfyui.supervisor import ComfyProcess
 from agent.settings import Settings
 
@@ -44,16 +47,39 @@ def _comfyui(settings: Settings) -> Runtime | None:
     config = settings.runtimes.comfyui
     ready = settings.timeouts.runtime_ready_s
     if config.url:
-        return ComfyUIRuntime(config.url, ready_timeout=ready)
+        return ComfyUIRuntime.attach(config.url, ready_timeout=ready)
     launch = config.launch
     if launch is None:
         return None
-    process = ComfyProcess(
-        launch.python,
-        launch.main,
-        port=launch.port,
-        args=launch.args,
-        base_directory=launch.base_directory,
-        ready_timeout=ready,
-    )
-    return ComfyUIRuntime(process.url, process=process, ready_timeout=ready)
+    processes = [
+        ComfyProcess(
+            launch.python,
+            launch.main,
+            port=launch.port + index,
+            args=[*launch.args, *_per_gpu_dirs(launch.base_directory, gpu)],
+            base_directory=launch.base_directory,
+            env=_gpu_env(gpu),
+            ready_timeout=ready,
+        )
+        for index, gpu in enumerate(launch.gpus or (None,))
+    ]
+    return ComfyUIRuntime(ServerPool.launch(processes), ready_timeout=ready)
+
+
+def _gpu_env(gpu: int | None) -> dict[str, str] | None:
+    """The agent's environment, restricted to one GPU when one is given."""
+    if gpu is None:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+
+
+def _per_gpu_dirs(base: Path | None, gpu: int | None) -> list[str]:
+    """Separate output and temp directories per instance (file counters must not collide)."""
+    if gpu is None or base is None:
+        return []
+    return [
+        "--output-directory",
+        str(base / "output" / f"gpu{gpu}"),
+        "--temp-directory",
+        str(base / "temp" / f"gpu{gpu}"),
+    ]

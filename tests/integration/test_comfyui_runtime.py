@@ -343,3 +343,45 @@ def test_a_partly_invalid_graph_is_refused_whole(
     assert result["task_status"] == "failed"
     assert result["task_error"].startswith("invalid_workflow: node 13 (EmptyImage)")
     assert result["download_urls"] == {}
+
+
+def test_one_comfyui_per_gpu_slot_runs_tasks_side_by_side(
+    tmp_path: Path, gw: GatewayProcess, comfyui: ComfyUIServer
+) -> None:
+    """With launch.gpus = [0, 1] and two slots, two tasks run at once, one per ComfyUI."""
+    base = tmp_path / "comfy-base"
+    (base / "custom_nodes").mkdir(parents=True)
+    _install_test_nodes(base / "custom_nodes")
+    with socket.socket() as first, socket.socket() as second:
+        first.bind(("127.0.0.1", 0))
+        second.bind(("127.0.0.1", first.getsockname()[1] + 1))  # the pair of ports must be free
+        port = first.getsockname()[1]
+    dk = gw.credential("two-gpus")
+    env = {
+        "CYBERUN_AGENT_RUNTIMES__EXTRA": "",
+        "CYBERUN_AGENT_SLOTS": "2",
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__PYTHON": str(comfyui.python),
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__MAIN": str(comfyui.main),
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__PORT": str(port),
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__BASE_DIRECTORY": str(base),
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__GPUS": "0,1",
+        "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__ARGS": '["--cpu", "--database-url", "sqlite:///:memory:"]',
+    }
+    process = start_agent(tmp_path / "agent", gw.url, dk, "two-gpus", extra_env=env)
+    try:
+        process.wait_log("connected to the gateway", timeout=180)
+        tasks = [
+            run(gw, dk, {"name": f"side{i}", "workflow_json": slow(20, 0.1, f"side{i}")})
+            for i in (0, 1)
+        ]
+        for task_id in tasks:
+            wait_progress(gw, dk, task_id)  # both are running before either ends
+        for task_id in tasks:
+            assert finished(gw, dk, process, task_id)["task_status"] == "completed"
+        for offset in (0, 1):
+            history = httpx.get(f"http://127.0.0.1:{port + offset}/history").json()
+            assert len(history) == 1  # each ComfyUI ran exactly one of the two prompts
+        assert (base / "output" / "gpu0").is_dir()
+        assert (base / "output" / "gpu1").is_dir()
+    finally:
+        process.stop()

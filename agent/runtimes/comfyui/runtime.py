@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import structlog
 
 from agent.runtimes.base import (
+    Injection,
     Output,
     Progress,
     RuntimeEvents,
@@ -40,7 +41,7 @@ from agent.runtimes.base import (
     TaskSpec,
 )
 from agent.runtimes.comfyui.client import ComfyClient, ComfyError, EventStream, PromptRejectedError
-from agent.runtimes.comfyui.supervisor import ComfyProcess
+from agent.runtimes.comfyui.servers import ServerPool
 from agent.runtimes.comfyui.workflow import (
     OutputRef,
     apply_injections,
@@ -64,6 +65,7 @@ class _Run:
     prompt_id: str
     workspace: Path
     events: RuntimeEvents
+    client: ComfyClient
     collected: dict[str, Output] = field(default_factory=dict)
 
 
@@ -72,78 +74,54 @@ class ComfyUIRuntime:
 
     tool = "comfyui"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        process: ComfyProcess | None = None,
-        ready_timeout: float = 120.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Talk to ComfyUI at ``url`` (supervising ``process`` in launch mode)."""
-        self.client = ComfyClient(url, headers=headers)
-        self.process = process
+    def __init__(self, pool: ServerPool, *, ready_timeout: float = 120.0) -> None:
+        """Run tasks on the servers of ``pool``."""
+        self.pool = pool
         self.ready_timeout = ready_timeout
         self.version: str | None = None
         self.pytorch_version: str | None = None
         self._object_info: tuple[float, dict[str, Any]] | None = None
         self._graphs: dict[str, dict[str, Any]] = {}
-        self._supervisor: asyncio.Task[None] | None = None
+
+    @classmethod
+    def attach(
+        cls, url: str, *, headers: Mapping[str, str] | None = None, ready_timeout: float = 120.0
+    ) -> ComfyUIRuntime:
+        """Use a ComfyUI someone else runs (``headers``: e.g. a cloud API key)."""
+        return cls(ServerPool.attach(url, headers), ready_timeout=ready_timeout)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Launch ComfyUI (launch mode) and wait for it; read its versions."""
-        if self.process is not None and self._supervisor is None:
-            self._supervisor = asyncio.create_task(self.process.run(), name="comfyui supervisor")
-            try:
-                await asyncio.wait_for(self.process.ready.wait(), self.ready_timeout)
-            except TimeoutError:
-                log.warning("ComfyUI is not ready yet; the agent stays unhealthy until it is")
-        await self._read_versions()
-
-    async def _read_versions(self) -> None:
+        """Launch the supervised servers (launch mode) and wait for them; read versions."""
+        for server in self.pool.servers:
+            await server.start(self.ready_timeout)
         try:
-            system = (await self.client.system_stats()).get("system", {})
+            system = (await self.pool.any.system_stats()).get("system", {})
         except ComfyError:
             return
         self.version = str(system.get("comfyui_version") or "") or None
         self.pytorch_version = str(system.get("pytorch_version") or "") or None
 
     async def healthy(self) -> bool:
-        """ComfyUI answers ``/system_stats`` (and, supervised, is marked ready)."""
-        if self.process is not None and not self.process.ready.is_set():
-            return False
-        try:
-            await self.client.system_stats()
-        except ComfyError:
-            return False
-        return True
+        """Every server answers (a crashed one makes the agent unhealthy until it is back)."""
+        checks = await asyncio.gather(*(server.healthy() for server in self.pool.servers))
+        return all(checks)
 
     async def close(self) -> None:
-        """Stop the supervised server and close the client."""
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.wait({self._supervisor})
-            self._supervisor = None
-        await self.client.close()
+        """Stop the supervised servers and close the clients."""
+        for server in self.pool.servers:
+            await server.close()
 
     # ------------------------------------------------------------------ tasks
 
     async def prepare(self, spec: TaskSpec, workspace: Path) -> None:
-        """Apply injections, upload file inputs, check node classes (before anything runs)."""
-        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        """Apply injections and check node classes (before anything runs or is uploaded)."""
         del workspace  # ComfyUI reads its inputs from its own input/ directory
-        injections = []
-        for given in spec.injections:
-            injection = given
-            if given.type == "file" and given.key in spec.inputs:
-                path = spec.inputs[given.key]
-                name = f"{prompt_id[:8]}-{_UNSAFE.sub('_', path.name)}"
-                uploaded = await self._comfy(self.client.upload_image(path, name))
-                injection = replace(given, value=uploaded)
-            injections.append(injection)
-        graph = apply_injections(spec.workflow, injections)
+        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        graph = apply_injections(spec.workflow, [i for i in spec.injections if i.type != "file"])
+        files = [i for i in spec.injections if i.type == "file"]
+        apply_injections(graph, [replace(i, value="") for i in files])  # targets must exist
         missing = unknown_classes(graph, await self._classes())
         if missing:
             node_id, class_type = missing[0]
@@ -155,56 +133,90 @@ class ComfyUIRuntime:
         self._graphs[prompt_id] = graph
 
     async def run(self, spec: TaskSpec, workspace: Path, events: RuntimeEvents) -> list[Output]:
-        """Queue the graph and follow it to its end; return every output file."""
+        """Queue the graph on a free server and follow it to its end; return every output."""
         prompt_id = prompt_id_for(spec.task_id, spec.attempt)
-        graph = self._graphs.pop(prompt_id, None)
-        if graph is None:
+        if prompt_id not in self._graphs:
             await self.prepare(spec, workspace)
-            graph = self._graphs.pop(prompt_id)
-        run = _Run(prompt_id, workspace / "outputs", events)
-        run.workspace.mkdir(parents=True, exist_ok=True)
-        events.handle({"prompt_id": prompt_id})
-        async with _events_or_none(self.client, prompt_id) as stream:
-            try:
-                queued = await self.client.post_prompt(graph, prompt_id, prompt_id)
-            except PromptRejectedError as rejected:
-                raise prompt_rejection(rejected.body) from None
-            except ComfyError as exc:
-                raise TaskFailure("runtime_unavailable", str(exc), retryable=True) from exc
-            if queued.get("node_errors"):
-                # ComfyUI queues the valid part of a partly invalid graph: refuse the whole
-                await self._comfy(self.client.delete_pending(prompt_id))
-                await self._comfy(self.client.interrupt(prompt_id))
-                raise prompt_rejection(queued)
-            if stream is not None:
-                await self._follow(stream, run)
-        return await self._finish(run)
+        graph = self._graphs.pop(prompt_id)
+        client = await self.pool.acquire(prompt_id)
+        try:
+            graph = apply_injections(graph, await self._upload_inputs(client, spec, prompt_id))
+            run = _Run(prompt_id, workspace / "outputs", events, client)
+            run.workspace.mkdir(parents=True, exist_ok=True)
+            events.handle({"prompt_id": prompt_id})
+            async with _events_or_none(client, prompt_id) as stream:
+                await self._submit(client, graph, prompt_id)
+                if stream is not None:
+                    await self._follow(stream, run)
+            return await self._finish(run)
+        finally:
+            await self.pool.release(prompt_id)
+
+    async def _upload_inputs(
+        self, client: ComfyClient, spec: TaskSpec, prompt_id: str
+    ) -> list[Injection]:
+        """Upload file inputs to the server's input/ and inject their names there."""
+        injections = []
+        for injection in spec.injections:
+            if injection.type == "file" and injection.key in spec.inputs:
+                path = spec.inputs[injection.key]
+                name = f"{prompt_id[:8]}-{_UNSAFE.sub('_', path.name)}"
+                uploaded = await self._comfy(client.upload_image(path, name))
+                injections.append(replace(injection, value=uploaded))
+        return injections
+
+    async def _submit(self, client: ComfyClient, graph: dict[str, Any], prompt_id: str) -> None:
+        """``POST /prompt``; a partly invalid graph (which ComfyUI would run in part) is refused."""
+        try:
+            queued = await client.post_prompt(graph, prompt_id, prompt_id)
+        except PromptRejectedError as rejected:
+            raise prompt_rejection(rejected.body) from None
+        except ComfyError as exc:
+            raise TaskFailure("runtime_unavailable", str(exc), retryable=True) from exc
+        if queued.get("node_errors"):
+            await self._comfy(client.delete_pending(prompt_id))
+            await self._comfy(client.interrupt(prompt_id))
+            raise prompt_rejection(queued)
 
     async def interrupt(self, spec: TaskSpec) -> None:
         """Interrupt the running prompt, or drop it from the queue if it has not started."""
         prompt_id = prompt_id_for(spec.task_id, spec.attempt)
-        state = await self._comfy(self.client.queue_state(prompt_id))
+        client = self.pool.held(prompt_id)
+        if client is None:
+            return
+        state = await self._comfy(client.queue_state(prompt_id))
         if state == "running":
-            await self._comfy(self.client.interrupt(prompt_id))
+            await self._comfy(client.interrupt(prompt_id))
         elif state == "pending":
-            await self._comfy(self.client.delete_pending(prompt_id))
+            await self._comfy(client.delete_pending(prompt_id))
 
     async def resume(
         self, spec: TaskSpec, workspace: Path, handle: Mapping[str, Any], events: RuntimeEvents
     ) -> list[Output] | None:
-        """Re-attach to the journaled prompt if ComfyUI still knows it."""
+        """Re-attach to the journaled prompt on whichever server still knows it."""
         prompt_id = str(handle.get("prompt_id") or prompt_id_for(spec.task_id, spec.attempt))
-        run = _Run(prompt_id, workspace / "outputs", events)
-        run.workspace.mkdir(parents=True, exist_ok=True)
+        client = await self._find(prompt_id)
+        if client is None:
+            return None
+        await self.pool.adopt(prompt_id, client)
         try:
-            known = await self.client.history(prompt_id) is not None
-            known = known or await self.client.queue_state(prompt_id) is not None
-        except ComfyError:
-            return None
-        if not known:
-            return None
-        log.info("re-attached to a ComfyUI prompt", prompt_id=prompt_id)
-        return await self._finish(run)
+            run = _Run(prompt_id, workspace / "outputs", events, client)
+            run.workspace.mkdir(parents=True, exist_ok=True)
+            log.info("re-attached to a ComfyUI prompt", prompt_id=prompt_id)
+            return await self._finish(run)
+        finally:
+            await self.pool.release(prompt_id)
+
+    async def _find(self, prompt_id: str) -> ComfyClient | None:
+        for server in self.pool.servers:
+            try:
+                if await server.client.history(prompt_id) is not None:
+                    return server.client
+                if await server.client.queue_state(prompt_id) is not None:
+                    return server.client
+            except ComfyError:
+                continue
+        return None
 
     # ------------------------------------------------------------------ following
 
@@ -233,7 +245,7 @@ class ComfyUIRuntime:
 
     async def _finish(self, run: _Run) -> list[Output]:
         """Read the outcome from ``/history`` (polling until it is there); collect outputs."""
-        entry = await self._history_when_done(run.prompt_id)
+        entry = await self._history_when_done(run.client, run.prompt_id)
         status = entry.get("status") or {}
         for name, data in status.get("messages") or []:
             if name == "execution_error" and isinstance(data, dict):
@@ -243,15 +255,15 @@ class ComfyUIRuntime:
         await self._collect(run, entry.get("outputs") or {})
         return list(run.collected.values())
 
-    async def _history_when_done(self, prompt_id: str) -> dict[str, Any]:
+    async def _history_when_done(self, client: ComfyClient, prompt_id: str) -> dict[str, Any]:
         while True:
-            entry = await self._comfy(self.client.history(prompt_id))
+            entry = await self._comfy(client.history(prompt_id))
             if entry is not None and (entry.get("status") or {}).get("completed") is not None:
                 return entry
-            if entry is None and await self._comfy(self.client.queue_state(prompt_id)) is None:
+            if entry is None and await self._comfy(client.queue_state(prompt_id)) is None:
                 # neither queued nor in history: ComfyUI lost it (a restart, a crash)
                 deadline = time.monotonic() + HISTORY_AFTER_SUCCESS_S
-                while (entry := await self._comfy(self.client.history(prompt_id))) is None:
+                while (entry := await self._comfy(client.history(prompt_id))) is None:
                     if time.monotonic() > deadline:
                         raise TaskFailure(
                             "runtime_lost_prompt",
@@ -269,7 +281,7 @@ class ComfyUIRuntime:
             if ref.key in run.collected or ref.kind == "temp":
                 continue
             dest = run.workspace / _file_name(ref)
-            await self._comfy(self.client.download(ref.filename, ref.subfolder, ref.kind, dest))
+            await self._comfy(run.client.download(ref.filename, ref.subfolder, ref.kind, dest))
             output = Output(ref.key, dest, _content_type(ref.filename))
             run.collected[ref.key] = output
             run.events.output(output)
@@ -277,7 +289,7 @@ class ComfyUIRuntime:
     async def _classes(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._object_info is None or now - self._object_info[0] > OBJECT_INFO_TTL_S:
-            self._object_info = (now, await self._comfy(self.client.object_info()))
+            self._object_info = (now, await self._comfy(self.pool.any.object_info()))
         return self._object_info[1]
 
     @staticmethod
