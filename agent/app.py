@@ -25,8 +25,17 @@ from agent import __version__, hardware
 from agent.control.connection import Connection
 from agent.errors import AgentError
 from agent.lifecycle import Lifecycle, Phase
-from agent.protocol.messages import AgentStatus, Pool, SystemStats, Tool, ToolInfo
+from agent.protocol.messages import (
+    AgentStatus,
+    Capability,
+    GpuInfo,
+    Pool,
+    SystemStats,
+    Tool,
+    ToolInfo,
+)
 from agent.protocol.session import Advert, Session, SessionConfig
+from agent.runtimes.base import Runtime
 from agent.runtimes.registry import load_runtimes
 from agent.settings import Settings, resolve_agent_id
 from agent.systemd import Notifier, WatchdogGate, feed_watchdog
@@ -113,9 +122,24 @@ class Agent:
             tools=tools,
             labels=labels,
             region=self.settings.region,
-            capability=hardware.capability(self.settings.work_dir),
+            capability=self._capability(comfyui),
             system_stats=stats,
         )
+
+    def _capability(self, comfyui: Runtime | None) -> Capability:
+        """Machine inventory; GPUs from ComfyUI's ``/system_stats`` until NVML reports them."""
+        capability = hardware.capability(self.settings.work_dir)
+        devices = getattr(comfyui, "devices", [])
+        gpus = [
+            GpuInfo(
+                index=index,
+                name=str(device.get("name", ""))[:256],
+                vram_total=int(device.get("vram_total") or 0),
+                vram_free=int(device.get("vram_free") or 0),
+            )
+            for index, device in enumerate(d for d in devices if d.get("type") == "cuda")
+        ]
+        return capability.model_copy(update={"gpus": gpus}) if gpus else capability
 
     async def main(self) -> int:
         """Run until the lifecycle reaches STOPPED (or a fatal error)."""

@@ -385,3 +385,16 @@ def test_one_comfyui_per_gpu_slot_runs_tasks_side_by_side(
         assert (base / "output" / "gpu1").is_dir()
     finally:
         process.stop()
+
+
+def test_hello_reports_comfyui_and_pytorch_versions(
+    gw: GatewayProcess, agent: tuple[AgentProcess, str]
+) -> None:
+    """The agent advertises ComfyUI's and PyTorch's versions read from /system_stats."""
+    _, dk = agent
+    with gw.client(dk) as http:
+        (record,) = http.get("/r/agents").json()["agent_list"]
+    assert (record["tool"], record["comfyui_version"]) == ("comfyui", "0.3.75")
+    assert record["tool_version"] == "0.3.75"
+    assert record["system_stats"]["pytorch_version"].startswith("2.13")
+    assert "comfyui" in record["agent_labels"]

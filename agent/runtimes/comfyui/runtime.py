@@ -80,6 +80,8 @@ class ComfyUIRuntime:
         self.ready_timeout = ready_timeout
         self.version: str | None = None
         self.pytorch_version: str | None = None
+        self.devices: list[dict[str, Any]] = []
+        """``/system_stats`` devices (name, type, vram_total, vram_free) of the first server."""
         self._object_info: tuple[float, dict[str, Any]] | None = None
         self._graphs: dict[str, dict[str, Any]] = {}
 
@@ -97,11 +99,13 @@ class ComfyUIRuntime:
         for server in self.pool.servers:
             await server.start(self.ready_timeout)
         try:
-            system = (await self.pool.any.system_stats()).get("system", {})
+            stats = await self.pool.any.system_stats()
         except ComfyError:
             return
+        system = stats.get("system") or {}
         self.version = str(system.get("comfyui_version") or "") or None
         self.pytorch_version = str(system.get("pytorch_version") or "") or None
+        self.devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
 
     async def healthy(self) -> bool:
         """Every server answers (a crashed one makes the agent unhealthy until it is back)."""
