@@ -104,11 +104,12 @@ class Agent:
             max_frame_bytes=settings.limits.max_frame_bytes,
         )
 
-    def _advert(self) -> Advert:
+    def _advert(self, healthy: frozenset[str] | None = None) -> Advert:
+        """What hello/status say: tools and their labels only for healthy runtimes."""
         tools = tuple(
             ToolInfo(name=Tool(rt.tool), version=rt.version)
             for rt in self.runtimes.values()
-            if rt.tool in set(Tool)
+            if rt.tool in set(Tool) and (healthy is None or rt.tool in healthy)
         )
         comfyui = self.runtimes.get(Tool.COMFYUI.value)
         stats = SystemStats(
@@ -202,16 +203,21 @@ class Agent:
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
 
     async def _watch_runtimes(self) -> None:
-        """An unhealthy runtime makes the agent ``unhealthy`` (no new work) until it recovers."""
-        unhealthy: str | None = None
+        """Offer only healthy runtimes; with none healthy the agent is ``unhealthy``."""
+        offered: frozenset[str] | None = None
         while True:
-            failing = [tool for tool, rt in self.runtimes.items() if not await rt.healthy()]
-            reason = f"runtime not healthy: {', '.join(failing)}" if failing else None
-            if reason != unhealthy:
-                unhealthy = reason
-                log.warning("runtime health changed", reason=reason or "healthy")
-                status = AgentStatus.UNHEALTHY if reason else None
-                self.manager.perform(self.session.set_status(status, time.monotonic(), reason))
+            healthy = frozenset([tool for tool, rt in self.runtimes.items() if await rt.healthy()])
+            if healthy != offered:
+                offered = healthy
+                failing = sorted(set(self.runtimes) - healthy)
+                log.info("runtime health", healthy=sorted(healthy), failing=failing)
+                now = time.monotonic()
+                self.manager.perform(self.session.set_advert(self._advert(healthy), now))
+                reason = f"runtime not healthy: {', '.join(failing)}" if failing else None
+                status = AgentStatus.UNHEALTHY if self.runtimes and not healthy else None
+                self.manager.perform(
+                    self.session.set_status(status, now, reason if status else None)
+                )
             await asyncio.sleep(RUNTIME_CHECK_S)  # the health-check period
 
     async def _link(self, connection: Connection) -> None:

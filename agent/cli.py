@@ -442,6 +442,8 @@ _TEMPLATE = """\
 #     bin_dir: null
 ##    Keep the training checkpoint after a task (else only the exported outputs).
 #     keep_checkpoint: false
+##    TORCH_HOME for the ns-* commands (pre-seeded weights); null = inherit the agent's.
+#     torch_home: null
 ##  Extra runtimes as module:factory (Python plugins; factory(settings) -> Runtime).
 #   extra: []
 

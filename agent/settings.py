@@ -433,6 +433,8 @@ class NerfstudioSettings(BaseModel):
     enabled: bool = False
     bin_dir: ExpandedPath | None = None
     keep_checkpoint: bool = False
+    torch_home: ExpandedPath | None = None
+    """``TORCH_HOME`` for the ``ns-*`` commands (pre-seeded weights: nothing is downloaded)."""
 
 
 class RuntimeSettings(BaseModel):

@@ -7,7 +7,8 @@ Eligible (all must hold):
   of any team that offer the community pool (the owner opted in);
 - the agent has a free credit in that pool and its status is ``idle`` or ``busy``;
 - ``min_vram_gb`` ≤ the VRAM of at least one of its GPUs (0 = no GPU needed);
-- the tool matches one the agent offers;
+- the tool matches one the agent offers and still labels (an unhealthy runtime's label
+  is dropped from the agent's status);
 - the agent did not refuse this task for a lasting reason (policy, unsupported node…).
 
 Score (higher wins; ties go to the agent connected longest)::
@@ -74,7 +75,9 @@ def eligible(agent: AgentView, demand: Demand) -> bool:
         return False
     if demand.pool not in agent.pools or agent.free.get(demand.pool, 0) < 1:
         return False
-    if demand.tool not in agent.tools or not demand.required_labels <= agent.labels:
+    if demand.tool not in agent.tools or demand.tool not in agent.labels:
+        return False  # a tool whose runtime turned unhealthy loses its label
+    if not demand.required_labels <= agent.labels:
         return False
     need = int(demand.min_vram_gb * GIB)
     return need == 0 or any(v >= need for v in agent.gpu_vram)

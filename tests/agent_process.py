@@ -16,6 +16,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTED = "tests.scripted_runtime:factory"
+NOISY = ("websockets", "httpcore", "httpx")
 
 
 def script_workflow(**inputs: Any) -> dict[str, Any]:
@@ -63,10 +64,11 @@ class AgentProcess:
                 return record
 
     def log_text(self) -> str:
-        """Everything logged so far (for failure messages)."""
+        """The agent's own recent log records (for failure messages; library chatter left out)."""
         while not self.lines.empty():
             self.seen.append(self.lines.get_nowait())
-        return "\n".join(json.dumps(r) for r in self.seen[-60:])
+        own = [r for r in self.seen if not str(r.get("logger", "")).startswith(NOISY)]
+        return "\n".join(json.dumps(r) for r in own[-60:])
 
     def signal(self, signum: int) -> None:
         """Send a signal to the agent process."""

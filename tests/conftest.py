@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-# Session-wide real servers (SeaweedFS S3, ComfyUI on the CPU), started only by tests that
-# ask for their fixture.
-pytest_plugins = ["tests.seaweedfs", "tests.comfyui"]
+# Session-wide real components (SeaweedFS S3, ComfyUI and Nerfstudio on the CPU), set up only
+# when a test asks for their fixture.
+pytest_plugins = ["tests.seaweedfs", "tests.comfyui", "tests.nerfstudio"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from pathlib import Path
 
 from agent.errors import ConfigError
@@ -16,15 +17,16 @@ from agent.runtimes.base import Runtime
 from agent.runtimes.comfyui.runtime import ComfyUIRuntime
 from agent.runtimes.comfyui.servers import ServerPool
 from agent.runtimes.comfyui.supervisor import ComfyProcess
+from agent.runtimes.nerfstudio.runtime import NerfstudioRuntime
 from agent.settings import Settings
 
 
 def load_runtimes(settings: Settings) -> dict[str, Runtime]:
     """Build every configured runtime, keyed by tool name (``comfyui``, ``nerfstudio``…)."""
     runtimes: dict[str, Runtime] = {}
-    comfyui = _comfyui(settings)
-    if comfyui is not None:
-        runtimes[comfyui.tool] = comfyui
+    for runtime in (_comfyui(settings), _nerfstudio(settings)):
+        if runtime is not None:
+            runtimes[runtime.tool] = runtime
     for spec in settings.runtimes.extra:
         runtime = _plugin(spec, settings)
         runtimes[runtime.tool] = runtime
@@ -83,3 +85,19 @@ def _per_gpu_dirs(base: Path | None, gpu: int | None) -> list[str]:
         "--temp-directory",
         str(base / "temp" / f"gpu{gpu}"),
     ]
+
+
+def _nerfstudio(settings: Settings) -> Runtime | None:
+    """The ``ns-*`` CLI from ``bin_dir`` or PATH (``None`` unless enabled)."""
+    config = settings.runtimes.nerfstudio
+    if not config.enabled:
+        return None
+    found = shutil.which("ns-train")
+    bin_dir = config.bin_dir or (Path(found).parent if found else Path("/nonexistent"))
+    return NerfstudioRuntime(
+        bin_dir,
+        keep_checkpoint=config.keep_checkpoint,
+        torch_home=config.torch_home,
+        interrupt_grace=settings.timeouts.cancel_grace_s,
+        term_grace=settings.timeouts.kill_grace_s,
+    )

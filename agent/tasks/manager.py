@@ -52,7 +52,7 @@ from agent.protocol.messages import (
     Timings,
     UploadFile,
 )
-from agent.protocol.session import Session
+from agent.protocol.session import ConnState, Session
 from agent.runtimes.base import Progress, Runtime, TaskFailure
 from agent.settings import Settings
 from agent.tasks.journal import Journal, JournalEntry
@@ -306,7 +306,9 @@ class TaskManager:
             await self._established.wait()
             request_id, actions = self.session.request_upload(task, files, self.clock())
             if request_id is None:
-                self._established.clear()
+                if self.session.state is ConnState.ESTABLISHED:
+                    raise TaskFailure("upload_failed", "the session no longer holds this task")
+                self._established.clear()  # the link dropped meanwhile: wait for the next
                 continue
             future: asyncio.Future[TaskUploadUrls] = asyncio.get_running_loop().create_future()
             self._replies[request_id] = future

@@ -123,7 +123,7 @@ class TaskRunner:
     _stop_reason: str = ""
     _abandoned: bool = False
     _uploaded: dict[str, OutputFile] = field(default_factory=dict)
-    _announced: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
+    _announced: asyncio.Queue[Output | None] = field(default_factory=asyncio.Queue)
     _handle: dict[str, Any] = field(default_factory=dict)
     _timings: dict[str, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -277,9 +277,15 @@ class TaskRunner:
         self._phase(TaskPhase.RUNNING)
         uploader = asyncio.ensure_future(self._upload_announced())
         try:
-            return await self._run_runtime(spec, phase, deadline)
-        finally:
+            outputs = await self._run_runtime(spec, phase, deadline)
+            self._announced.put_nowait(None)  # the run is over: finish the uploads under way
+            await uploader
+        except BaseException:
             await _cancel_and_wait(uploader)
+            raise
+        if self._upload_failure is not None:
+            raise self._upload_failure
+        return outputs
 
     async def _run_runtime(
         self, spec: TaskSpec, phase: TaskPhase, deadline: float | None
@@ -352,8 +358,7 @@ class TaskRunner:
 
     async def _upload_announced(self) -> None:
         """Upload outputs while the runtime still runs; a failure stops the task."""
-        while True:
-            output = await self._announced.get()
+        while (output := await self._announced.get()) is not None:
             if output.key in self._uploaded:
                 continue
             try:
@@ -519,6 +524,9 @@ class TaskRunner:
     # ------------------------------------------------------------------ helpers
 
     def _phase(self, phase: TaskPhase) -> None:
+        log.info(
+            "task phase", task_id=self.ref.task_id, attempt=self.ref.attempt, phase=phase.value
+        )
         self.host.set_phase(self.ref, phase)
 
     def _done(self) -> list[OutputFile]:

@@ -270,3 +270,23 @@ def test_a_progress_flood_is_coalesced(
     progress = events.count("event: progress")
     assert 1 <= progress <= 4 * elapsed + 2  # limits.progress_per_s = 4
     assert '"step_current": 600' in events  # the last value is never lost
+
+
+def test_a_runtime_that_fails_its_probe_is_not_offered(
+    tmp_path: Path, gw: GatewayProcess, agents: list[AgentProcess]
+) -> None:
+    """Nerfstudio without a working ns-train is left out; the healthy runtime still takes work."""
+    dk = gw.credential("daemon-probe")
+    env = {
+        "CYBERUN_AGENT_RUNTIMES__NERFSTUDIO__ENABLED": "true",
+        "CYBERUN_AGENT_RUNTIMES__NERFSTUDIO__BIN_DIR": str(tmp_path / "no-nerfstudio-here"),
+    }
+    agent = launch(agents, tmp_path, gw, dk, "worker-probe", **env)
+    agent.wait_log("runtime health", healthy=["comfyui"], failing=["nerfstudio"])
+    with gw.client(dk) as http:
+        (record,) = http.get("/r/agents").json()["agent_list"]
+    assert record["agent_status"] == "idle"
+    assert "nerfstudio" not in record["agent_labels"]
+    assert "comfyui" in record["agent_labels"]
+    task_id = submit(gw, dk, gw.create_workflow(dk, script_workflow()))
+    agent.wait_log("report acknowledged", task_id=task_id)

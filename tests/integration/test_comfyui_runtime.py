@@ -136,6 +136,7 @@ def test_a_parameter_override_changes_the_output(
         parameters={"width": 96},
     )
     result = finished(gw, dk, process, task_id)
+    assert result["task_status"] == "completed", result
     assert png_size(httpx.get(result["download_urls"]["9.images.0"]).content) == (96, 48)
 
 

@@ -10,6 +10,7 @@ only to the client that submitted).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -164,6 +165,17 @@ class EventStream:
     def __init__(self, ws: ClientConnection) -> None:
         """Wrap an open connection."""
         self._ws = ws
+
+    async def registered(self, within: float) -> None:
+        """Wait for ComfyUI's first ``status`` message: only then are events routed to us.
+
+        ComfyUI registers the socket under its client id after the handshake; a prompt
+        posted before that could finish before any of its events reach us.
+        """
+        async with asyncio.timeout(within):
+            while (event := await self.next()) is not None:
+                if event.get("type") == "status":
+                    return
 
     async def next(self) -> dict[str, Any] | None:
         """The next event, or ``None`` when the stream ended."""

@@ -56,6 +56,9 @@ log = structlog.get_logger("agent.comfyui")
 T = TypeVar("T")
 OBJECT_INFO_TTL_S = 60.0
 HISTORY_POLL_S = 0.5
+SILENCE_S = 5.0
+"""After this long without a WebSocket event, ``/history`` is asked whether the prompt ended."""
+WS_REGISTER_S = 10.0
 HISTORY_AFTER_SUCCESS_S = 10.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -67,6 +70,7 @@ class _Run:
     events: RuntimeEvents
     client: ComfyClient
     collected: dict[str, Output] = field(default_factory=dict)
+    current: str | None = None
 
 
 class ComfyUIRuntime:
@@ -149,7 +153,10 @@ class ComfyUIRuntime:
             run.workspace.mkdir(parents=True, exist_ok=True)
             events.handle({"prompt_id": prompt_id})
             async with _events_or_none(client, prompt_id) as stream:
+                if stream is not None:
+                    await stream.registered(WS_REGISTER_S)
                 await self._submit(client, graph, prompt_id)
+                log.info("ComfyUI prompt queued", task_id=spec.task_id, prompt_id=prompt_id)
                 if stream is not None:
                     await self._follow(stream, run)
             return await self._finish(run)
@@ -225,27 +232,55 @@ class ComfyUIRuntime:
     # ------------------------------------------------------------------ following
 
     async def _follow(self, stream: EventStream, run: _Run) -> None:
-        """Follow WebSocket events until ``executing {node: null}`` for our prompt."""
-        current: str | None = None
-        while (event := await stream.next()) is not None:
-            kind, data = event.get("type"), event.get("data") or {}
-            if not isinstance(data, dict) or data.get("prompt_id", run.prompt_id) != run.prompt_id:
-                continue
-            if kind == "executing":
-                current = data.get("node")
-                if current is None:
+        """Follow WebSocket events until ``executing {node: null}`` for our prompt.
+
+        After ``SILENCE_S`` without an event ``/history`` is asked (it is the truth; the
+        socket only speeds things up); if the socket ends, ``_finish`` polls instead.
+        """
+        while True:
+            try:
+                event = await asyncio.wait_for(stream.next(), SILENCE_S)
+            except TimeoutError:
+                if await self._done(run):
                     return
-            elif kind == "progress":
-                run.events.progress(_progress(data, current))
-            elif kind == "executed":
-                await self._collect(run, {str(data.get("node")): data.get("output") or {}})
-            elif kind == "execution_error":
-                raise execution_failure(data)
-            elif kind == "execution_interrupted":
-                raise TaskInterrupted
-        log.warning(
-            "ComfyUI event stream ended; following /history instead", prompt_id=run.prompt_id
+                state = await self._comfy(run.client.queue_state(run.prompt_id))
+                log.info("no ComfyUI event lately", prompt_id=run.prompt_id, queue=state)
+                continue
+            if event is None:
+                log.warning(
+                    "ComfyUI event stream ended; following /history", prompt_id=run.prompt_id
+                )
+                return
+            if await self._on_event(run, event):
+                return
+
+    async def _on_event(self, run: _Run, event: Mapping[str, Any]) -> bool:
+        """Apply one event of our prompt; True when the prompt has ended."""
+        kind, data = event.get("type"), event.get("data") or {}
+        log.debug(
+            "ComfyUI event",
+            kind=kind,
+            prompt_id=data.get("prompt_id") if isinstance(data, dict) else None,
         )
+        if not isinstance(data, dict) or data.get("prompt_id", run.prompt_id) != run.prompt_id:
+            return False
+        if kind == "executing":
+            run.current = data.get("node")
+            return run.current is None
+        if kind == "progress":
+            run.events.progress(_progress(data, run.current))
+        elif kind == "executed":
+            await self._collect(run, {str(data.get("node")): data.get("output") or {}})
+        elif kind == "execution_error":
+            raise execution_failure(data)
+        elif kind == "execution_interrupted":
+            raise TaskInterrupted
+        return False
+
+    async def _done(self, run: _Run) -> bool:
+        """Whether ``/history`` says the prompt has ended."""
+        entry = await self._comfy(run.client.history(run.prompt_id))
+        return entry is not None and (entry.get("status") or {}).get("completed") is not None
 
     async def _finish(self, run: _Run) -> list[Output]:
         """Read the outcome from ``/history`` (polling until it is there); collect outputs."""
@@ -276,9 +311,7 @@ class ComfyUIRuntime:
                         )
                     await asyncio.sleep(HISTORY_POLL_S)
                 return entry
-            await asyncio.sleep(
-                HISTORY_POLL_S
-            )  # polling /history: ComfyUI offers no other signal here
+            await asyncio.sleep(HISTORY_POLL_S)  # polling /history: no other signal here
 
     async def _collect(self, run: _Run, outputs: Mapping[str, Any]) -> None:
         for ref in output_refs(outputs):
