@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -43,6 +42,8 @@ from types import TracebackType
 import httpx
 import psutil
 import pytest
+
+from tests.installers import run_installer
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "scripts" / "install-comfyui"
@@ -177,30 +178,13 @@ def install_comfyui(timeout_s: float = INSTALL_TIMEOUT_S) -> ComfyUIInstall:
 
     Raises ``ComfyUIError`` with the end of the installer's output when it fails.
     """
-    try:
-        result = subprocess.run(
-            [str(INSTALLER)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise ComfyUIError(f"{INSTALLER} did not finish within {timeout_s} s") from error
-    except OSError as error:
-        raise ComfyUIError(f"cannot run {INSTALLER}: {error}") from error
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        output = (result.stdout + result.stderr)[-LOG_TAIL_CHARS:]
-        raise ComfyUIError(f"{INSTALLER} failed (exit {result.returncode}):\n{output}")
-    return parse_install_line(lines[-1])
+    values = run_installer(INSTALLER, ComfyUIError, timeout_s)
+    return parse_install_line(values)
 
 
-def parse_install_line(line: str) -> ComfyUIInstall:
-    """Parse the installer's last line: ``COMFYUI_MAIN=<path> COMFYUI_PYTHON=<path>``."""
-    values = dict(word.partition("=")[::2] for word in shlex.split(line))
+def parse_install_line(values: dict[str, str]) -> ComfyUIInstall:
+    """The install named by the installer's last line (``COMFYUI_MAIN=… COMFYUI_PYTHON=…``)."""
+    line = " ".join(f"{key}={value}" for key, value in values.items())  # for error messages
     try:
         install = ComfyUIInstall(
             main=Path(values["COMFYUI_MAIN"]), python=Path(values["COMFYUI_PYTHON"])

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.installers import run_installer
+
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "scripts" / "install-nerfstudio"
 FIXTURE_NAME = "nerfstudio"
@@ -149,30 +151,13 @@ def install_nerfstudio(timeout_s: float = INSTALL_TIMEOUT_S) -> NerfstudioInstal
 
     Raises ``NerfstudioError`` with the end of the installer's output when it fails.
     """
-    try:
-        result = subprocess.run(
-            [str(INSTALLER)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise NerfstudioError(f"{INSTALLER} did not finish within {timeout_s} s") from error
-    except OSError as error:
-        raise NerfstudioError(f"cannot run {INSTALLER}: {error}") from error
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        output = (result.stdout + result.stderr)[-LOG_TAIL_CHARS:]
-        raise NerfstudioError(f"{INSTALLER} failed (exit {result.returncode}):\n{output}")
-    return parse_install_line(lines[-1])
+    values = run_installer(INSTALLER, NerfstudioError, timeout_s)
+    return parse_install_line(values)
 
 
-def parse_install_line(line: str) -> NerfstudioInstall:
-    """Parse the installer's last line: ``NERFSTUDIO_BIN=<dir> TORCH_HOME=<dir>``."""
-    values = dict(word.partition("=")[::2] for word in shlex.split(line))
+def parse_install_line(values: dict[str, str]) -> NerfstudioInstall:
+    """The install named by the installer's last line (``NERFSTUDIO_BIN=… TORCH_HOME=…``)."""
+    line = " ".join(f"{key}={value}" for key, value in values.items())  # for error messages
     try:
         install = NerfstudioInstall(
             bin=Path(values["NERFSTUDIO_BIN"]), torch_home=Path(values["TORCH_HOME"])
