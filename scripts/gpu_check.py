@@ -4,6 +4,7 @@
 2. The ComfyUI runtime on CUDA: a real gateway, a real agent launching ComfyUI without
    ``--cpu`` (``COMFYUI_MAIN``/``COMFYUI_PYTHON`` from the CUDA install), and the invert
    workflow at several sizes submitted over REST; per-task wall time and ComfyUI's devices.
+3. A short real splatfacto run and its gaussian-splat export (Nerfstudio on CUDA torch).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +23,7 @@ import httpx
 
 from tests.agent_process import start_agent
 from tests.gateway_process import gateway
+from tests.nerfstudio_scene import make_scene
 
 SIZES = (512, 1024, 2048)
 RUNS = 3
@@ -105,6 +108,56 @@ def _run_size(gw: Any, dk: str, agent: Any, size: int) -> str:
     return f"| {size}² | {RUNS} | {statistics.median(times):.2f} | {min(times):.2f} | {status} |"
 
 
+def splatfacto_report(work: Path) -> list[str]:
+    """A short real splatfacto run (CUDA) and its gaussian-splat export, timed."""
+    bin_dir = Path(os.environ["NERFSTUDIO_BIN"])
+    env = {**os.environ, "TORCH_HOME": os.environ["NERFSTUDIO_TORCH_HOME"], "MPLBACKEND": "Agg"}
+    env |= {
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+    }
+    scene = make_scene(work / "scene", images=24, size=128)
+    train = [
+        str(bin_dir / "ns-train"), "splatfacto", "--max-num-iterations", "300",
+        "--vis", "tensorboard", "--viewer.quit-on-train-completion", "True",
+        "--output-dir", str(work / "out"), "--experiment-name", "gpu", "--timestamp", "run",
+        "nerfstudio-data", "--data", str(scene),
+    ]  # fmt: skip
+    lines = []
+    started = time.monotonic()
+    trained = subprocess.run(  # noqa: S603 - our own argv, no shell
+        train, env=env, capture_output=True, text=True, check=False, timeout=1800
+    )
+    took = time.monotonic() - started
+    lines.append(
+        f"- ns-train splatfacto, 300 iterations: exit {trained.returncode} in {took:.1f} s"
+    )
+    config = work / "out" / "gpu" / "splatfacto" / "run" / "config.yml"
+    export = [
+        str(bin_dir / "ns-export"),
+        "gaussian-splat",
+        "--load-config",
+        str(config),
+        "--output-dir",
+        str(work / "export"),
+    ]
+    started = time.monotonic()
+    exported = subprocess.run(  # noqa: S603 - our own argv, no shell
+        export, env=env, capture_output=True, text=True, check=False, timeout=600
+    )
+    took = time.monotonic() - started
+    splat = work / "export" / "splat.ply"
+    size = splat.stat().st_size if splat.exists() else 0
+    lines.append(
+        f"- ns-export gaussian-splat: exit {exported.returncode} in {took:.1f} s, "
+        f"splat.ply {size} bytes"
+    )
+    if trained.returncode or exported.returncode:
+        lines.append("- failed: " + (trained.stderr + exported.stderr)[-2000:].replace("\n", " | "))
+    return lines
+
+
 def main() -> int:
     """Print the report; non-zero when a task did not complete."""
     report = [f"## GPU check ({time.strftime('%Y-%m-%d')}, {platform.node()})", "", "### NVML", ""]
@@ -112,6 +165,8 @@ def main() -> int:
     report += ["", "### ComfyUI on CUDA through gateway + agent", ""]
     with tempfile.TemporaryDirectory(prefix="cyberun-gpu-check-") as work:
         report += comfyui_report(Path(work))
+        report += ["", "### splatfacto (Nerfstudio 3DGS) on CUDA", ""]
+        report += splatfacto_report(Path(work))
     print("\n".join(report))
     return 0 if all("failed" not in line for line in report) else 1
 
