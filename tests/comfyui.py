@@ -43,7 +43,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.installers import run_installer
+from tests.installers import install_once, run_installer
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "scripts" / "install-comfyui"
@@ -225,22 +225,16 @@ def start_comfyui(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Install ComfyUI before any test runs when a collected test uses the fixture.
-
-    Done here, not in the fixture, so that a cold install counts against no test's timeout.
-    A failure is kept and reported by the fixture, as an error of each test that needs it.
-    """
-    if config.option.collectonly or _INSTALL_KEY in config.stash:
-        return
-    if not any(FIXTURE_NAME in getattr(item, "fixturenames", ()) for item in items):
-        return
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"installing ComfyUI with {INSTALLER.relative_to(REPO)} (if needed)")
-    try:
-        config.stash[_INSTALL_KEY] = install_comfyui()
-    except ComfyUIError as error:
-        config.stash[_INSTALL_KEY] = str(error)
+    """Install ComfyUI before any test runs when a collected test uses the fixture."""
+    install_once(
+        config,
+        items,
+        fixture=FIXTURE_NAME,
+        key=_INSTALL_KEY,
+        label=f"ComfyUI with {INSTALLER.relative_to(REPO)}",
+        install=install_comfyui,
+        error=ComfyUIError,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_TAIL_CHARS = 4000
@@ -40,3 +44,32 @@ def run_installer(script: Path, error: type[Exception], timeout_s: float) -> dic
 def parse_assignments(line: str) -> dict[str, str]:
     """``A=x B='y z'`` (shell-quoted) as a dict."""
     return dict(word.partition("=")[::2] for word in shlex.split(line))
+
+
+def install_once(
+    config: pytest.Config,
+    items: list[pytest.Item],
+    *,
+    fixture: str,
+    key: pytest.StashKey[Any],
+    label: str,
+    install: Callable[[], object],
+    error: type[Exception],
+) -> None:
+    """From ``pytest_collection_modifyitems``: install before any test runs, if one needs it.
+
+    Done during collection, not in the fixture, so that a cold install counts against no
+    test's timeout. A failure is stashed (as its message) for the fixture to report as an
+    error of each test that needs it.
+    """
+    if config.option.collectonly or key in config.stash:
+        return
+    if not any(fixture in getattr(item, "fixturenames", ()) for item in items):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"installing {label} (if needed)")
+    try:
+        config.stash[key] = install()
+    except error as exc:
+        config.stash[key] = str(exc)

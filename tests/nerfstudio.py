@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.installers import run_installer
+from tests.installers import install_once, run_installer
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "scripts" / "install-nerfstudio"
@@ -171,22 +171,16 @@ def parse_install_line(values: dict[str, str]) -> NerfstudioInstall:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Install Nerfstudio before any test runs when a collected test uses the fixture.
-
-    Done here, not in the fixture, so that a cold install counts against no test's timeout.
-    A failure is kept and reported by the fixture, as an error of each test that needs it.
-    """
-    if config.option.collectonly or _INSTALL_KEY in config.stash:
-        return
-    if not any(FIXTURE_NAME in getattr(item, "fixturenames", ()) for item in items):
-        return
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"installing Nerfstudio with {INSTALLER.relative_to(REPO)} (if needed)")
-    try:
-        config.stash[_INSTALL_KEY] = install_nerfstudio()
-    except NerfstudioError as error:
-        config.stash[_INSTALL_KEY] = str(error)
+    """Install Nerfstudio before any test runs when a collected test uses the fixture."""
+    install_once(
+        config,
+        items,
+        fixture=FIXTURE_NAME,
+        key=_INSTALL_KEY,
+        label=f"Nerfstudio with {INSTALLER.relative_to(REPO)}",
+        install=install_nerfstudio,
+        error=NerfstudioError,
+    )
 
 
 @pytest.fixture(scope="session")
