@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from agent.protocol.messages import WS_PATH
 from gateway.agent_ws import AgentEndpoint
-from gateway.api import agents, files, runs, tasks, workflows
+from gateway.api import agents, files, pairing, runs, tasks, workflows
 from gateway.api.deps import Services, install_error_handlers
 from gateway.cloud import CloudRunner
 from gateway.config import GatewayConfig
@@ -66,9 +66,10 @@ def create_app(
     )
     install_error_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (workflows, runs, tasks, files, agents):
+    for module in (workflows, runs, tasks, files, agents, pairing):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(pairing.page)
     app.add_api_websocket_route(WS_PATH, AgentEndpoint(hub))
     if isinstance(storage, LocalStorage):
         app.router.routes.extend(storage_routes(storage))

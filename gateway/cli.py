@@ -1,15 +1,20 @@
-"""``cyberun-gateway``: serve, mint credentials, import workflows.
+"""``cyberun-gateway``: serve, mint credentials, approve device pairings, import workflows.
 
 Stable command line (scripts and docs rely on it)::
 
     cyberun-gateway serve [--host 127.0.0.1] [--port 8080] [--data-dir DIR] [--public-url URL]
                           [--s3-endpoint URL --s3-bucket NAME]   (keys from the environment)
+                          [--pair-ttl 300] [--max-pairings 1000]
     cyberun-gateway credentials create --data-dir DIR --team NAME --kind device|integration|agent
     cyberun-gateway credentials revoke --data-dir DIR --prefix PREFIX
+    cyberun-gateway pair approve USER_CODE --team NAME [--data-dir DIR]
     cyberun-gateway workflows import FILE --data-dir DIR --team NAME
 
 ``serve`` prints ``cyberun-gateway listening on <url>`` once it accepts connections
 (``--port 0`` picks a free port). ``credentials create`` prints only the secret.
+``pair approve`` prints ``approved <USER_CODE> for team <NAME>``, or exits 1 with the reason
+(unknown, expired or already approved) on stderr; it works on the database directly, also
+while the server runs.
 S3 keys come from ``CYBERUN_GATEWAY_S3_ACCESS_KEY`` / ``CYBERUN_GATEWAY_S3_SECRET_KEY``,
 never from flags (argv is visible to every user of the machine).
 """
@@ -31,8 +36,9 @@ from pydantic import ValidationError
 
 from gateway.auth import CredentialKind, generate_secret
 from gateway.config import GatewayConfig, Timeouts
+from gateway.pairing import PairingError, parse_user_code
 from gateway.storage import LocalStorage, ObjectStorage, S3Storage
-from gateway.store import NotFoundError, SqliteStore
+from gateway.store import NotFoundError, SqliteStore, utcnow
 from gateway.validation import ValidationFailure, check_workflow_targets
 
 DEFAULT_DATA_DIR = Path("~/.local/share/cyberun-gateway")
@@ -43,6 +49,13 @@ KINDS = {
 }
 EXIT_USAGE = 2
 MIB = 1024 * 1024
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
 
 
 def _part_size(value: str) -> int:
@@ -114,6 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         part_size=args.part_size_mb * MIB,
         comfy_cloud_url=args.comfy_cloud_url,
         comfy_cloud_key=os.environ.get("CYBERUN_GATEWAY_COMFY_CLOUD_API_KEY") or None,
+        pair_ttl_s=args.pair_ttl,
+        max_pending_pairings=args.max_pairings,
     )
     store = _open_store(data_dir)
     ready = f"cyberun-gateway listening on {public_url}"
@@ -163,6 +178,21 @@ def cmd_credentials_revoke(args: argparse.Namespace) -> int:
         store.close()
     print(f"revoked {count} credential(s)")
     return 0 if count else 1
+
+
+def cmd_pair_approve(args: argparse.Namespace) -> int:
+    """Approve a device's pairing (by the user code it shows) into a team."""
+    store = _open_store(_data_dir(args.data_dir))
+    try:
+        team = store.ensure_team(args.team)
+        pairing = store.approve_pairing(parse_user_code(args.user_code), team.id, utcnow())
+    except (LookupError, PairingError) as exc:  # NotFoundError is a LookupError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"approved {pairing.user_code} for team {args.team}")
+    return 0
 
 
 def cmd_workflows_import(args: argparse.Namespace) -> int:
@@ -255,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="multipart part size, at least 5 (S3's minimum; default 16)",
     )
+    serve.add_argument(
+        "--pair-ttl",
+        type=_positive,
+        default=300,
+        help="seconds a device pairing stays valid (expires_in; default 300)",
+    )
+    serve.add_argument(
+        "--max-pairings",
+        type=_positive,
+        default=1000,
+        help="pending device pairings allowed at once; more are refused with 429 (default 1000)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)
 
@@ -280,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", required=True, help="display prefix (first 10 characters of the secret)"
     )
     revoke.set_defaults(handler=cmd_credentials_revoke)
+
+    pair = sub.add_parser("pair", help="device pairing", allow_abbrev=False)
+    pair_sub = pair.add_subparsers(dest="action", required=True, metavar="ACTION")
+    approve = pair_sub.add_parser(
+        "approve", help="approve the code a device shows into a team", allow_abbrev=False
+    )
+    approve.add_argument("user_code", metavar="USER_CODE", help="e.g. AB7K-PNQ3 (any case)")
+    approve.add_argument("--team", required=True, help="team name (created if needed)")
+    approve.add_argument("--data-dir", help="the gateway's data dir")
+    approve.set_defaults(handler=cmd_pair_approve)
 
     wfs = sub.add_parser("workflows", help="manage workflows", allow_abbrev=False)
     wfs_sub = wfs.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -43,3 +43,9 @@ class GatewayConfig:
     """A ComfyUI-compatible endpoint for ``dispatch_target: comfy_cloud`` (None: refused)."""
     comfy_cloud_key: str | None = None
     """Its API key, sent as ``Authorization: Bearer``."""
+    pair_ttl_s: int = 300
+    """Device pairing: seconds a pairing lives (``expires_in``; documented: 300)."""
+    pair_interval_s: int = 2
+    """Device pairing: seconds a device waits between polls (``interval``; documented: 2)."""
+    max_pending_pairings: int = 1000
+    """Device pairing: pending, unexpired pairings allowed at once (then 429)."""

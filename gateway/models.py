@@ -1,4 +1,4 @@
-"""The gateway's documented records: workflows, parameters, run requests, tasks, agents.
+"""The gateway's documented records: workflows, parameters, runs, tasks, agents, pairing.
 
 Field names are the platform's (``docs/gateway.md``, after the public Cyberun docs).
 These are API/domain models; the agent wire format lives in ``agent.protocol``.
@@ -270,6 +270,52 @@ class PresignResponse(BaseModel):
     upload_url: str
     upload_headers: dict[str, str]
     expires_at: datetime
+
+
+class PairStartRequest(ApiModel):
+    """Optional body of ``POST /desktop/pair/start``."""
+
+    device_name: Annotated[str, Field(max_length=64)] = ""
+
+
+class PairStartResponse(BaseModel):
+    """Answer of ``POST /desktop/pair/start``: show ``user_code``, poll with ``device_code``."""
+
+    device_code: str
+    user_code: str
+    verification_uri: str
+    expires_in: int
+    interval: int
+
+
+class PairPollRequest(ApiModel):
+    """Body of ``POST /desktop/pair/poll``."""
+
+    device_code: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class PairPollResponse(BaseModel):
+    """``{"status": "pending"}``, or once ``approved`` with both secrets."""
+
+    status: Literal["pending", "approved"]
+    raw_key: str | None = None
+    """The ``dk-`` device credential (approved only)."""
+    agent_key: str | None = None
+    """The companion ``ak-`` agent key (approved only)."""
+
+
+class PairApproveRequest(ApiModel):
+    """Body of ``POST /desktop/pair/approve`` (case, dashes and spaces are ignored)."""
+
+    user_code: Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class PairApproveResponse(BaseModel):
+    """Answer of ``POST /desktop/pair/approve``."""
+
+    status: Literal["approved"]
+    user_code: str
+    team_id: str
 
 
 class GpuDevice(BaseModel):

@@ -1,4 +1,4 @@
-"""Durable gateway state: teams, credentials, workflows, files, tasks and task events.
+"""Durable gateway state: teams, credentials, pairings, workflows, files, tasks, task events.
 
 :class:`Store` is the interface; :class:`SqliteStore` the default implementation (one file
 in the data dir, WAL journal). Calls are synchronous and short (a WAL commit is a fraction
@@ -15,10 +15,10 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,17 @@ from gateway.models import (
     Workflow,
     WorkflowIn,
 )
+from gateway.pairing import (
+    PURGE_AFTER_S,
+    Pairing,
+    PairingStatus,
+    check_approve,
+    check_capacity,
+    check_poll,
+)
+
+NewCredential = tuple[CredentialKind, str, str]
+"""A credential to store: kind, display prefix, sha256 hex of the secret."""
 
 
 def utcnow() -> datetime:
@@ -127,6 +138,12 @@ class Store(Protocol):
     def credential_by_hash(self, digest: str) -> StoredCredential | None: ...
     def revoke_credential(self, credential_id: str) -> None: ...
     def revoke_prefix(self, prefix: str) -> int: ...
+    def add_pairing(self, pairing: Pairing, max_pending: int) -> None: ...
+    def pairing(self, device_hash: str) -> Pairing | None: ...
+    def approve_pairing(self, user_code: str, team_id: str, now: datetime) -> Pairing: ...
+    def redeem_pairing(
+        self, device_hash: str, now: datetime, credentials: Sequence[NewCredential]
+    ) -> Pairing: ...
     def create_workflow(self, team_id: str, body: WorkflowIn) -> Workflow: ...
     def update_workflow(self, team_id: str, workflow_id: str, body: WorkflowIn) -> Workflow: ...
     def workflow(self, team_id: str, workflow_id: str, version: int | None = None) -> Workflow: ...
@@ -154,6 +171,12 @@ CREATE TABLE IF NOT EXISTS credentials (
     id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), kind TEXT NOT NULL,
     prefix TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, revoked INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pairings (
+    device_hash TEXT PRIMARY KEY, user_code TEXT NOT NULL, device_name TEXT NOT NULL,
+    created_at TEXT NOT NULL, expires_at TEXT NOT NULL, status TEXT NOT NULL,
+    team_id TEXT REFERENCES teams(id));
+CREATE INDEX IF NOT EXISTS pairings_user_code ON pairings(user_code, created_at);
+CREATE INDEX IF NOT EXISTS pairings_expiry ON pairings(status, expires_at);
 CREATE TABLE IF NOT EXISTS workflows (
     id TEXT NOT NULL, version INTEGER NOT NULL, team_id TEXT NOT NULL, slug TEXT,
     body TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
@@ -174,12 +197,32 @@ CREATE TABLE IF NOT EXISTS task_events (
 CREATE INDEX IF NOT EXISTS task_events_task ON task_events(task_id, seq);
 """
 
+_PAIRING_COLUMNS = "device_hash, user_code, device_name, created_at, expires_at, status, team_id"
 _COUNT_TASKS = "SELECT COUNT(*) FROM tasks WHERE team_id=? AND (? IS NULL OR status=?)"
 _PAGE_TASKS = (
     "SELECT body FROM tasks WHERE team_id=? AND (? IS NULL OR status=?) "
     "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
 )
 _TASK_TIMES = ("created_at", "started_at", "completed_at")
+
+
+def _stamp(moment: datetime) -> str:
+    """A fixed-width UTC timestamp: text order is time order (pairings compare in SQL)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _pairing(row: tuple[Any, ...] | None) -> Pairing | None:
+    if row is None:
+        return None
+    return Pairing(
+        device_hash=row[0],
+        user_code=row[1],
+        device_name=row[2],
+        created_at=datetime.fromisoformat(row[3]),
+        expires_at=datetime.fromisoformat(row[4]),
+        status=PairingStatus(row[5]),
+        team_id=row[6],
+    )
 
 
 def _task_to_json(row: TaskRow) -> str:
@@ -255,12 +298,17 @@ class SqliteStore:
 
     def add_credential(self, team_id: str, kind: CredentialKind, prefix: str, digest: str) -> str:
         """Store a credential's prefix and hash (never the secret); return its id."""
-        credential_id = new_id("cred")
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO credentials VALUES (?,?,?,?,?,0,?)",
-                (credential_id, team_id, kind.value, prefix, digest, utcnow().isoformat()),
-            )
+            return self._insert_credential(db, team_id, (kind, prefix, digest))
+
+    @staticmethod
+    def _insert_credential(db: sqlite3.Connection, team_id: str, new: NewCredential) -> str:
+        credential_id = new_id("cred")
+        kind, prefix, digest = new
+        db.execute(
+            "INSERT INTO credentials VALUES (?,?,?,?,?,0,?)",
+            (credential_id, team_id, kind.value, prefix, digest, utcnow().isoformat()),
+        )
         return credential_id
 
     def credential_by_hash(self, digest: str) -> StoredCredential | None:
@@ -292,6 +340,103 @@ class SqliteStore:
                 "UPDATE credentials SET revoked=1 WHERE prefix=? AND revoked=0", (prefix,)
             )
         return cursor.rowcount
+
+    # ------------------------------------------------------------------ pairings
+
+    def add_pairing(self, pairing: Pairing, max_pending: int) -> None:
+        """Store a new pending pairing; purge long-expired ones first.
+
+        Raises ``TooManyPairingsError`` when ``max_pending`` unexpired pairings are pending,
+        and ``ConflictError`` when a live pairing already has this user code (pick another).
+        """
+        now = _stamp(pairing.created_at)
+        purge_before = _stamp(pairing.created_at - timedelta(seconds=PURGE_AFTER_S))
+        with self._tx() as db:
+            db.execute("DELETE FROM pairings WHERE expires_at < ?", (purge_before,))
+            (pending,) = db.execute(
+                "SELECT COUNT(*) FROM pairings WHERE status=? AND expires_at > ?",
+                (PairingStatus.PENDING.value, now),
+            ).fetchone()
+            check_capacity(int(pending), max_pending)
+            clash = db.execute(
+                "SELECT 1 FROM pairings WHERE user_code=? AND expires_at > ?",
+                (pairing.user_code, now),
+            ).fetchone()
+            if clash is not None:
+                raise ConflictError("user code in use")
+            db.execute(
+                f"INSERT INTO pairings ({_PAIRING_COLUMNS}) VALUES (?,?,?,?,?,?,?)",  # noqa: S608 - constant column list
+                (
+                    pairing.device_hash,
+                    pairing.user_code,
+                    pairing.device_name,
+                    _stamp(pairing.created_at),
+                    _stamp(pairing.expires_at),
+                    pairing.status.value,
+                    pairing.team_id,
+                ),
+            )
+
+    def pairing(self, device_hash: str) -> Pairing | None:
+        """Return the pairing of a device code's hash, or None."""
+        with self._lock:
+            return self._pairing_by_hash(self._db, device_hash)
+
+    @staticmethod
+    def _pairing_by_hash(db: sqlite3.Connection, device_hash: str) -> Pairing | None:
+        return _pairing(
+            db.execute(
+                f"SELECT {_PAIRING_COLUMNS} FROM pairings WHERE device_hash=?",  # noqa: S608 - constant column list
+                (device_hash,),
+            ).fetchone()
+        )
+
+    def approve_pairing(self, user_code: str, team_id: str, now: datetime) -> Pairing:
+        """Approve the newest pairing with this (canonical) user code into ``team_id``.
+
+        Raises ``NotFoundError``, or the ``PairingError`` of :func:`check_approve`.
+        """
+        with self._tx() as db:
+            found = _pairing(
+                db.execute(
+                    f"SELECT {_PAIRING_COLUMNS} FROM pairings WHERE user_code=? "  # noqa: S608 - constant column list
+                    "ORDER BY created_at DESC LIMIT 1",
+                    (user_code,),
+                ).fetchone()
+            )
+            try:
+                pending = check_approve(found, user_code, now)
+            except LookupError as exc:
+                raise NotFoundError(str(exc)) from None
+            db.execute(
+                "UPDATE pairings SET status=?, team_id=? WHERE device_hash=?",
+                (PairingStatus.APPROVED.value, team_id, pending.device_hash),
+            )
+        return replace(pending, status=PairingStatus.APPROVED, team_id=team_id)
+
+    def redeem_pairing(
+        self, device_hash: str, now: datetime, credentials: Sequence[NewCredential]
+    ) -> Pairing:
+        """Consume an approved pairing and store ``credentials`` in its team, atomically.
+
+        Of concurrent redemptions exactly one succeeds; the others (and any later one) raise
+        ``NotFoundError``, as does a pairing that is not approved. An expired one raises
+        ``PairingExpiredError``. Returns the pairing as it was approved.
+        """
+        with self._tx() as db:
+            try:
+                approved = check_poll(self._pairing_by_hash(db, device_hash), now)
+            except LookupError as exc:
+                raise NotFoundError(str(exc)) from None
+            if approved.status is not PairingStatus.APPROVED or approved.team_id is None:
+                raise NotFoundError("the pairing is not approved")
+            db.execute(
+                "UPDATE pairings SET status=? WHERE device_hash=?",
+                (PairingStatus.CONSUMED.value, device_hash),
+            )
+            for new in credentials:
+                self._insert_credential(db, approved.team_id, new)
+        return approved
 
     # ------------------------------------------------------------------ workflows
 
@@ -515,6 +660,7 @@ class SqliteStore:
 __all__ = [
     "ConflictError",
     "FileRecord",
+    "NewCredential",
     "NotFoundError",
     "SqliteStore",
     "Store",
