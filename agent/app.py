@@ -12,6 +12,7 @@ A drain or cancel ends with exit 0 once every task is reported and acknowledged,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -24,10 +25,10 @@ import structlog
 from agent import __version__, hardware
 from agent.control.connection import Connection
 from agent.errors import AgentError
+from agent.health import GpuMonitor, GpuPolicy, GpuState
 from agent.lifecycle import Lifecycle, Phase
 from agent.protocol.messages import (
     AgentStatus,
-    Capability,
     GpuInfo,
     Pool,
     SystemStats,
@@ -47,6 +48,9 @@ ACK_WAIT_S = 10.0
 """How long a stopping agent waits for the gateway to acknowledge its last reports."""
 WATCHDOG_DISCONNECT_GRACE_S = 120.0
 RUNTIME_CHECK_S = 5.0
+NVML_ANSWER_S = 30.0
+"""How long one NVML sample may take before the GPUs count as not answering."""
+NVML_CLOSE_S = 5.0
 
 
 def run(settings: Settings) -> int:
@@ -70,6 +74,12 @@ class Agent:
         settings.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = Journal(settings.state_dir / "journal.sqlite3")
         self.runtimes = load_runtimes(settings)
+        gpu = settings.gpu
+        policy = GpuPolicy(max_temperature_c=gpu.max_temperature_c, enabled=gpu.enabled)
+        self.gpus = GpuMonitor(policy)
+        self.gpu_state = GpuState()
+        self.healthy: frozenset[str] | None = None
+        """Runtimes that passed their last health check (``None``: not checked yet)."""
         self.session = Session(
             self._session_config(),
             wall_offset=time.time() - time.monotonic(),
@@ -104,8 +114,9 @@ class Agent:
             max_frame_bytes=settings.limits.max_frame_bytes,
         )
 
-    def _advert(self, healthy: frozenset[str] | None = None) -> Advert:
-        """What hello/status say: tools and their labels only for healthy runtimes."""
+    def _advert(self) -> Advert:
+        """What hello/status say: healthy runtimes and usable GPUs, and the labels they earn."""
+        healthy = self.healthy
         tools = tuple(
             ToolInfo(name=Tool(rt.tool), version=rt.version)
             for rt in self.runtimes.values()
@@ -117,21 +128,25 @@ class Agent:
             pytorch_version=getattr(comfyui, "pytorch_version", None),
             os_type=platform.system(),
         )
-        derived = tuple(t.name.value for t in tools)
+        gpus = self._gpus(comfyui)
+        derived = (*hardware.gpu_labels(gpus), *(t.name.value for t in tools))
         labels = tuple(dict.fromkeys((*derived, *self.settings.agent_labels)))
+        settings = self.settings
         return Advert(
             tools=tools,
             labels=labels,
-            region=self.settings.region,
-            capability=self._capability(comfyui),
+            region=settings.region,
+            capability=hardware.capability(settings.work_dir, settings.cache_dir, gpus),
             system_stats=stats,
         )
 
-    def _capability(self, comfyui: Runtime | None) -> Capability:
-        """Machine inventory; GPUs from ComfyUI's ``/system_stats`` until NVML reports them."""
-        capability = hardware.capability(self.settings.work_dir)
+    def _gpus(self, comfyui: Runtime | None) -> list[GpuInfo]:
+        """The usable GPUs: NVML's, or ComfyUI's CUDA devices on a host where NVML is missing."""
+        state = self.gpu_state
+        if state.inventory.gpus or not self.settings.gpu.enabled:
+            return state.gpu_infos()
         devices = getattr(comfyui, "devices", [])
-        gpus = [
+        return [
             GpuInfo(
                 index=index,
                 name=str(device.get("name", ""))[:256],
@@ -140,7 +155,19 @@ class Agent:
             )
             for index, device in enumerate(d for d in devices if d.get("type") == "cuda")
         ]
-        return capability.model_copy(update={"gpus": gpus}) if gpus else capability
+
+    def _publish(self) -> None:
+        """Push the advert and the health-derived status (``status`` only when they changed)."""
+        now = time.monotonic()
+        self.manager.perform(self.session.set_advert(self._advert(), now))
+        reasons = []
+        healthy = self.healthy
+        if self.runtimes and healthy is not None and not healthy:
+            reasons.append(f"runtime not healthy: {', '.join(sorted(self.runtimes))}")
+        if self.gpu_state.all_unusable:
+            reasons.append("no usable GPU: " + "; ".join(self.gpu_state.problems.values()))
+        status = AgentStatus.UNHEALTHY if reasons else None
+        self.manager.perform(self.session.set_status(status, now, "; ".join(reasons)[:256]))
 
     async def main(self) -> int:
         """Run until the lifecycle reaches STOPPED (or a fatal error)."""
@@ -151,6 +178,8 @@ class Agent:
                 self.settings, self.session, self.journal, self.runtimes, http
             )
             self.manager.on_drain = self._gateway_drain
+            # late-bound: gpu_state is replaced by every sample
+            self.manager.vram_refusal = lambda need_gb: self.gpu_state.vram_refusal(need_gb)  # noqa: PLW0108
             self.manager.recover()
             connection = Connection(
                 self.settings,
@@ -164,6 +193,7 @@ class Agent:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
             try:
+                self.gpu_state = await self._sample_gpus(self.gpus.start)
                 for runtime in self.runtimes.values():
                     await runtime.start()
                 self.session.set_advert(self._advert(), time.monotonic())  # now with versions
@@ -173,6 +203,8 @@ class Agent:
                     loop.remove_signal_handler(signum)
                 for runtime in self.runtimes.values():
                     await runtime.close()
+                with contextlib.suppress(TimeoutError):  # a hung NVML must not hang the exit
+                    await asyncio.wait_for(asyncio.to_thread(self.gpus.close), NVML_CLOSE_S)
                 self.journal.close()
                 self.notifier.close()
         if self.fatal is not None:
@@ -197,27 +229,38 @@ class Agent:
                 task.cancel()
 
     async def _sample_resources(self) -> None:
-        """Refresh the readings the next heartbeat carries (cheap, non-blocking calls)."""
+        """Read the GPUs and the machine for the next heartbeat; act on GPU health changes."""
         while True:
-            self.session.set_resources(hardware.resources(self.settings.work_dir), None)
+            state = await self._sample_gpus(self.gpus.sample)
+            before = self.gpu_state.problems
+            for index in sorted(set(state.problems) - set(before)):
+                log.warning("GPU not offered work", gpu=index, reason=state.problems[index])
+            for index in sorted(set(before) - set(state.problems)):
+                log.info("GPU healthy again", gpu=index)
+            self.gpu_state = state
+            self._publish()  # refreshes free VRAM for the next hello; status only on change
+            self.session.set_resources(
+                hardware.resources(self.settings.work_dir, state.snapshots()), None
+            )
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
+
+    async def _sample_gpus(self, sample: Callable[[], GpuState]) -> GpuState:
+        """Run an NVML sample off the event loop; a hung one reads as NVML not answering."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(sample), NVML_ANSWER_S)
+        except TimeoutError:
+            log.error("NVML did not answer", timeout_s=NVML_ANSWER_S)  # noqa: TRY400 - no traceback to show
+            return self.gpus.not_answering()
 
     async def _watch_runtimes(self) -> None:
         """Offer only healthy runtimes; with none healthy the agent is ``unhealthy``."""
-        offered: frozenset[str] | None = None
         while True:
             healthy = frozenset([tool for tool, rt in self.runtimes.items() if await rt.healthy()])
-            if healthy != offered:
-                offered = healthy
+            if healthy != self.healthy:
+                self.healthy = healthy
                 failing = sorted(set(self.runtimes) - healthy)
                 log.info("runtime health", healthy=sorted(healthy), failing=failing)
-                now = time.monotonic()
-                self.manager.perform(self.session.set_advert(self._advert(healthy), now))
-                reason = f"runtime not healthy: {', '.join(failing)}" if failing else None
-                status = AgentStatus.UNHEALTHY if self.runtimes and not healthy else None
-                self.manager.perform(
-                    self.session.set_status(status, now, reason if status else None)
-                )
+                self._publish()
             await asyncio.sleep(RUNTIME_CHECK_S)  # the health-check period
 
     async def _link(self, connection: Connection) -> None:

@@ -71,6 +71,7 @@ CONFIG_FILE_NAME = "cyberun-agent.yaml"
 SYSTEM_CONFIG_FILE = Path("/etc/cyberun-agent") / CONFIG_FILE_NAME
 CREDENTIAL_NAME = "cyberun-agent-credential"  # systemd LoadCredential= name
 AGENT_ID_FILE = "agent_id"
+LOGIN_CREDENTIAL_FILE = "credential"  # <state_dir>/credential, written by `login`
 
 _CREDENTIAL_RE = re.compile(r"(dk|ak)-[A-Za-z0-9_-]{20,256}")
 _CREDENTIAL_RULE = "must look like dk-… or ak-… (the value is not shown)"
@@ -437,6 +438,17 @@ class NerfstudioSettings(BaseModel):
     """``TORCH_HOME`` for the ``ns-*`` commands (pre-seeded weights: nothing is downloaded)."""
 
 
+class GpuSettings(BaseModel):
+    """GPU discovery (NVML) and the health limits beyond which a GPU gets no work."""
+
+    model_config = _FROZEN
+
+    enabled: bool = True
+    """False: never open NVML; the agent advertises no GPU (CPU-only)."""
+    max_temperature_c: float = Field(default=90.0, gt=0, le=150)
+    """A GPU at or above this temperature is not offered work until it cools down."""
+
+
 class RuntimeSettings(BaseModel):
     """The runtimes this agent offers."""
 
@@ -477,6 +489,7 @@ class Settings(BaseModel):
     pools: PoolSettings = Field(default_factory=PoolSettings)
     slots: Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_auto_slots)] = None
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
     state_dir: ExpandedPath = Field(default_factory=_default_state_dir)
     work_dir: ExpandedPath = Field(default_factory=_default_work_dir)
     cache_dir: ExpandedPath = Field(default_factory=_default_cache_dir)
@@ -571,18 +584,40 @@ class Settings(BaseModel):
         if found is None:
             return None
         path, origin = found
-        value = _read_secret_file(path, origin)
-        if not _CREDENTIAL_RE.fullmatch(value):
-            raise credential_error(origin, _CREDENTIAL_RULE)
-        return value
+        return pick_credential(_read_secret_file(path, origin), origin)
 
     def _credential_path(self) -> tuple[Path, str] | None:
         if self.credential_file is not None:
             return self.credential_file, f"credential_file {self.credential_file}"
-        if self._credentials_directory is None:
-            return None
-        path = self._credentials_directory / CREDENTIAL_NAME
-        return (path, f"systemd credential {path}") if path.is_file() else None
+        if self._credentials_directory is not None:
+            path = self._credentials_directory / CREDENTIAL_NAME
+            if path.is_file():
+                return path, f"systemd credential {path}"
+        stored = self.state_dir / LOGIN_CREDENTIAL_FILE
+        return (stored, f"login credential {stored}") if stored.is_file() else None
+
+    @property
+    def login_credential_file(self) -> Path:
+        """Where ``cyberun-agent login`` stores the keys: ``credential_file``, else state_dir."""
+        return self.credential_file or self.state_dir / LOGIN_CREDENTIAL_FILE
+
+
+def pick_credential(text: str, origin: str) -> str:
+    """The credential in a credential file's ``text``.
+
+    The file holds one key, or the pair ``cyberun-agent login`` writes (the ``dk-`` device
+    credential and its companion ``ak-`` agent key, one per line; blank lines and ``#``
+    comments are ignored). The connection uses the ``ak-`` when there is one: it is the
+    key meant for the long-lived agent process. Raises `CredentialError` (never echoing a
+    value) for a line that is not a credential.
+    """
+    lines = (line.strip() for line in text.splitlines())
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise credential_error(origin, "the file is empty")
+    if not all(_CREDENTIAL_RE.fullmatch(key) for key in keys):
+        raise credential_error(origin, _CREDENTIAL_RULE)
+    return next((key for key in keys if key.startswith("ak-")), keys[0])
 
 
 def credential_error(source: str, rule: str) -> CredentialError:
@@ -774,6 +809,9 @@ def _permission_warnings(
         (config_file if file_has_credential else None, "config file with a credential"),
         (settings.credential_file, "credential file"),
     ]
+    if settings.credential_file is None and settings.credential is None:
+        found = settings._credential_path()
+        candidates.append((found[0] if found else None, "credential file"))
     out: list[str] = []
     for path, what in candidates:
         mode = loose_permissions(path) if path is not None else None

@@ -341,6 +341,8 @@ class AgentRecord(BaseModel):
 
     agent_id: str
     agent_status: str
+    agent_status_reason: str | None = None
+    """Why the agent is ``unhealthy``/``syncing``/``tunnel`` (from its last ``status``)."""
     agent_labels: list[str]
     last_heartbeat: datetime | None
     agent_version: str

@@ -18,11 +18,19 @@ LAYERS: list[set[str]] = [
         "agent.archive",
         "agent.hardware",
         "agent.health",
+        "agent.nvml",
         "agent.sync",
     },
     {"agent.policy", "agent.tasks"},
     {"agent.control"},
-    {"agent.observe", "agent.systemd", "agent.lifecycle", "agent.app"},
+    {
+        "agent.observe",
+        "agent.systemd",
+        "agent.lifecycle",
+        "agent.app",
+        "agent.doctor",
+        "agent.login",
+    },
     {"agent.cli", "agent.__main__"},
 ]
 # What each package must never import, whatever the layers say.

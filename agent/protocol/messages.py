@@ -146,6 +146,8 @@ class GpuInfo(Model):
     driver_version: ShortText | None = None
     cuda_version: ShortText | None = None
     mig: bool = False
+    pci_bus_id: ShortText | None = None
+    power_limit_w: Annotated[float, Field(ge=0)] | None = None
 
 
 class CpuInfo(Model):
@@ -162,7 +164,11 @@ class Capability(Model):
     cpu: CpuInfo = CpuInfo()
     ram_bytes: NonNegInt = 0
     disk_free_bytes: NonNegInt = 0
+    """Free bytes where tasks run (``work_dir``)."""
+    cache_free_bytes: NonNegInt | None = None
+    """Free bytes where models are cached (``cache_dir``)."""
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    """The GPUs that may be offered work (an unhealthy GPU is left out)."""
 
 
 class SystemStats(Model):
@@ -180,14 +186,18 @@ class InFlight(TaskRef):
 
 
 class GpuSnapshot(Model):
-    """Live readings of one GPU."""
+    """Live readings of one GPU; ``problem`` says why it is not offered work."""
 
     index: NonNegInt
     utilization: Annotated[float, Field(ge=0, le=100)] | None = None
     memory_used: NonNegInt | None = None
     memory_total: NonNegInt | None = None
+    memory_free: NonNegInt | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    throttle_reasons: list[ShortText] = Field(default_factory=list, max_length=32)
+    ecc_uncorrected: NonNegInt | None = None
+    problem: ShortText | None = None
 
 
 class ResourceSnapshot(Model):

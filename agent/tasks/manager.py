@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,6 +82,8 @@ class TaskManager:
     clock: Any = time.monotonic
     on_drain: Any = None
     """Called with the reason when the gateway asks for a drain."""
+    vram_refusal: Callable[[float], str | None] = lambda _need_gb: None
+    """Why a task needing this many GiB of free VRAM cannot run here (``None``: it can)."""
     runners: dict[tuple[str, int], TaskRunner] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _pending_start: list[TaskRunner] = field(default_factory=list)
@@ -204,6 +206,11 @@ class TaskManager:
             self.perform(
                 self.session.decide(ref, now, reject=RejectReason.UNSUPPORTED_TOOL, message=message)
             )
+            return
+        if (refusal := self.vram_refusal(assign.min_vram_gb)) is not None:
+            log.info("task refused", task_id=ref.task_id, reason=refusal)
+            reason = RejectReason.INSUFFICIENT_VRAM
+            self.perform(self.session.decide(ref, now, reject=reason, message=refusal))
             return
         self.journal.record_accept(assign)  # durable before the accept leaves
         actions = self.session.decide(ref, now)

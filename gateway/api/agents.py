@@ -25,6 +25,7 @@ def agent_record(conn: AgentConn) -> AgentRecord:
     return AgentRecord(
         agent_id=hello.agent_id,
         agent_status=status.agent_status.value if status else "idle",
+        agent_status_reason=status.reason if status else None,
         agent_labels=list(status.labels if status and status.labels is not None else hello.labels),
         last_heartbeat=datetime.fromtimestamp(conn.last_heartbeat, UTC),
         agent_version=hello.agent_version,

@@ -322,6 +322,42 @@ def test_credential_precedence_inline_then_file_then_systemd(tmp_path: Path) -> 
     assert _load(tmp_path).settings.credential_value() is None
 
 
+def test_login_pair_file_gives_the_agent_key_to_the_connection(tmp_path: Path) -> None:
+    """A file with the dk-/ak- pair `login` writes yields the ak-; comments are ignored."""
+    secret = tmp_path / "credential"
+    secret.write_text(f"# written by login\n{DK}\n\n{AK}\n", encoding="utf-8")
+    secret.chmod(0o600)
+    assert _load(tmp_path, flags={"credential_file": str(secret)}).settings.credential_value() == AK
+    secret.write_text(f"{DK}\nnot-a-key-at-all-but-long-enough\n", encoding="utf-8")
+    with pytest.raises(CredentialError) as caught:
+        _load(tmp_path, flags={"credential_file": str(secret)}).settings.credential_value()
+    assert "not-a-key" not in str(caught.value)
+    secret.write_text("# only a comment\n", encoding="utf-8")
+    with pytest.raises(CredentialError, match="empty"):
+        _load(tmp_path, flags={"credential_file": str(secret)}).settings.credential_value()
+
+
+def test_login_credential_in_state_dir_is_the_last_resort(tmp_path: Path) -> None:
+    """<state_dir>/credential is used only when no other credential source is configured."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "credential").write_text(f"{DK}\n{AK}\n", encoding="utf-8")
+    (state / "credential").chmod(0o600)
+    flags = {"state_dir": str(state)}
+    stored = _load(tmp_path, flags=flags).settings
+    assert stored.credential_value() == AK
+    assert stored.credential_origin() == f"login credential {state / 'credential'}"
+    assert stored.login_credential_file == state / "credential"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "cyberun-agent-credential").write_text(DK, encoding="utf-8")
+    systemd = _load(tmp_path, env={"CREDENTIALS_DIRECTORY": str(creds)}, flags=flags).settings
+    assert systemd.credential_value() == DK
+    other = tmp_path / "elsewhere"
+    named = _load(tmp_path, flags={**flags, "credential_file": str(other)}).settings
+    assert named.login_credential_file == other
+
+
 def test_credential_is_never_in_repr_or_dump(tmp_path: Path) -> None:
     """The credential is a secret: neither repr nor a JSON dump of the settings shows it."""
     settings = _load(tmp_path, env={"CYBERUN_AGENT_CREDENTIAL": DK}).settings
