@@ -1,6 +1,7 @@
 """The ``cyberun-agent`` command line: argv → settings → logging → the daemon, and exit codes.
 
-Commands: ``run``, ``config show|validate|init``, ``protocol schema``. Every `AgentError`
+Commands: ``run``, ``doctor``, ``login``, ``hardware``, ``config show|validate|init``,
+``protocol schema``. Every `AgentError`
 ends the process with one redacted line on stderr and the error's `ExitCode`; argparse's
 own usage errors exit 2.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__, logs
-from agent.errors import AgentError, CredentialError, ExitCode
+from agent.errors import AgentError, ConfigError, CredentialError, ExitCode
 from agent.settings import (
     CONFIG_ENV,
     CREDENTIAL_NAME,
@@ -121,6 +122,41 @@ def _common_parser() -> _Parser:
     return parent
 
 
+def _add_setup_commands(
+    commands: argparse._SubParsersAction[_Parser],
+    common: _Parser,
+) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        allow_abbrev=False,
+        parents=[common],
+        help="check this machine: config, credential, gateway, clock, GPUs, runtimes, disk",
+        description="Check everything the agent needs and say how to fix what is wrong; "
+        "exits 1 when any check fails.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    doctor.set_defaults(handler=_doctor)
+    login = commands.add_parser(
+        "login",
+        allow_abbrev=False,
+        parents=[common],
+        help="pair this machine with a team (device flow) and store its keys",
+        description="Pair this machine: show a code to approve, wait for the approval, and "
+        "store the device credential and agent key (mode 0600) in credential_file, "
+        "else <state_dir>/credential.",
+    )
+    login.set_defaults(handler=_login)
+    hardware = commands.add_parser(
+        "hardware",
+        allow_abbrev=False,
+        parents=[common],
+        help="print what this machine advertises: capability, GPUs, health, labels",
+        description="Probe the machine (NVML, CPU, memory, disk) as the daemon does.",
+    )
+    hardware.add_argument("--json", action="store_true", help="print JSON")
+    hardware.set_defaults(handler=_hardware)
+
+
 def _add_config_commands(
     commands: argparse._SubParsersAction[_Parser],
     common: _Parser,
@@ -189,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.set_defaults(handler=_run)
+    _add_setup_commands(commands, common)
     _add_config_commands(commands, common)
     protocol = commands.add_parser(
         "protocol", help="protocol tools", description="Protocol.", allow_abbrev=False
@@ -342,6 +379,77 @@ def _protocol_schema(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    logs.configure("error", "console")  # the checks print the report; keep library chatter out
+    doctor = importlib.import_module("agent.doctor")
+    checks = doctor.diagnose(lambda: _load(args))
+    if args.json:
+        print(logs.redact(json.dumps(doctor.as_json(checks), indent=2)))
+    else:
+        print(logs.redact(doctor.as_table(checks)))
+    return ExitCode.FAILURE if doctor.failed(checks) else ExitCode.OK
+
+
+def _login(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    settings = loaded.settings
+    if settings.gateway_url is None:
+        raise ConfigError(
+            "gateway_url",
+            loaded.source_of("gateway_url"),
+            f"is required to log in (--gateway-url, {CONFIG_ENV} file or "
+            "CYBERUN_AGENT_GATEWAY_URL)",
+        )
+    logs.configure("error", "console")
+    login = importlib.import_module("agent.login")
+    path = settings.login_credential_file
+    login.login(settings.gateway_url, path, show=lambda text: print(text, flush=True))
+    print(f"paired: the device credential (dk-…) and agent key (ak-…) are in {path} (mode 0600)")
+    origin = settings.credential_origin()
+    if origin is not None and str(path) not in origin:
+        print(f"note: the agent still uses the credential from {origin}, which comes first")
+    return ExitCode.OK
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    settings = _load(args).settings
+    logs.configure("error", "console")
+    hardware = importlib.import_module("agent.hardware")
+    health = importlib.import_module("agent.health")
+    gpu = settings.gpu
+    monitor = health.GpuMonitor(
+        health.GpuPolicy(max_temperature_c=gpu.max_temperature_c, enabled=gpu.enabled)
+    )
+    try:
+        state = monitor.start()
+    finally:
+        monitor.close()
+    gpus = state.gpu_infos()
+    report = {
+        "capability": hardware.capability(settings.work_dir, settings.cache_dir, gpus).model_dump(
+            mode="json"
+        ),
+        "labels": list(dict.fromkeys((*hardware.gpu_labels(gpus), *settings.agent_labels))),
+        "region": settings.region,
+        "gpus": [s.model_dump(mode="json", exclude_none=True) for s in state.snapshots()],
+        "nvml": state.nvml or "ok",
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return ExitCode.OK
+    capability = report["capability"]
+    print(
+        f"platform: {capability['platform_arch']}, {capability['cpu']['count']} CPUs "
+        f"({capability['cpu']['model']}), {capability['ram_bytes'] / 2**30:.1f} GiB RAM"
+    )
+    print(f"nvml: {report['nvml']}")
+    for found, snapshot in zip(state.inventory.gpus, state.snapshots(), strict=True):
+        verdict = f"NOT OFFERED: {snapshot.problem}" if snapshot.problem else "ok"
+        print(f"gpu {found.index}: {found.name}, {found.vram_total / 2**30:.0f} GiB — {verdict}")
+    print(f"labels: {', '.join(report['labels']) or '(none)'} (+ one per healthy runtime)")
+    return ExitCode.OK
+
+
 def _run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     loaded.check_runnable()
@@ -383,7 +491,8 @@ _TEMPLATE = """\
 # allow_insecure_gateway: false
 
 ## The credential: an agent key (ak-...) or device credential (dk-...). Required to run.
-## Precedence: credential > credential_file > systemd credential "cyberun-agent-credential".
+## Precedence: credential > credential_file > systemd credential "cyberun-agent-credential"
+## > <state_dir>/credential (written by `cyberun-agent login`).
 ## Prefer credential_file or CYBERUN_AGENT_CREDENTIAL; if you set it here, chmod 600 this file.
 # credential: ak-REPLACE_WITH_YOUR_AGENT_KEY
 ## A file whose content (whitespace stripped) is the credential; keep it chmod 600.
@@ -446,6 +555,13 @@ _TEMPLATE = """\
 #     torch_home: null
 ##  Extra runtimes as module:factory (Python plugins; factory(settings) -> Runtime).
 #   extra: []
+
+## GPUs, found through NVML (the NVIDIA driver's libnvidia-ml.so.1).
+# gpu:
+##  false: never open NVML and advertise no GPU (a CPU-only agent).
+#   enabled: true
+##  A GPU at or above this temperature (degrees C) gets no new work until it cools down.
+#   max_temperature_c: 90.0
 
 ## Directories (~ is expanded; relative paths are taken from the working directory).
 ## State: agent id, task journal.

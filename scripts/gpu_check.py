@@ -1,6 +1,8 @@
 """The GPU check behind ``scripts/gpu-check`` (run on an NVIDIA host; prints markdown).
 
-1. NVML inventory through the official bindings (``pynvml`` from ``nvidia-ml-py``).
+1. NVML inventory through the official bindings (``pynvml`` from ``nvidia-ml-py``), then
+   the agent's own capability probe (``cyberun-agent hardware --json``: GPUs, readings,
+   health, labels) and ``cyberun-agent doctor`` against a real gateway.
 2. The ComfyUI runtime on CUDA: a real gateway, a real agent launching ComfyUI without
    ``--cpu`` (``COMFYUI_MAIN``/``COMFYUI_PYTHON`` from the CUDA install), and the invert
    workflow at several sizes submitted over REST; per-task wall time and ComfyUI's devices.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -49,6 +52,56 @@ def nvml_report() -> list[str]:
         return lines
     finally:
         pynvml.nvmlShutdown()
+
+
+def agent_command(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m agent ARGS`` the way an owner would, on the real driver."""
+    return subprocess.run(  # noqa: S603 - our own argv, no shell
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def probe_report() -> list[str]:
+    """The agent's capability probe: what it would advertise, as markdown."""
+    done = agent_command("hardware", "--json")
+    if done.returncode:
+        return [f"- failed: hardware exited {done.returncode}: {done.stderr[-1000:]}"]
+    report = json.loads(done.stdout)
+    lines = [f"- nvml: {report['nvml']}", f"- labels: {', '.join(report['labels'])}"]
+    lines += [
+        f"- advertised GPU {gpu['index']}: {gpu['name']} {gpu['uuid']}, "
+        f"{gpu['vram_total'] / 2**30:.1f} GiB, CC {gpu['compute_capability']}, "
+        f"MIG {gpu['mig']}, PCI {gpu['pci_bus_id']}, power limit {gpu['power_limit_w']} W, "
+        f"driver {gpu['driver_version']}, CUDA {gpu['cuda_version']}"
+        for gpu in report["capability"]["gpus"]
+    ]
+    lines += ["", "```json", json.dumps(report["gpus"], indent=1), "```"]
+    return lines
+
+
+def doctor_report(work: Path) -> list[str]:
+    """``cyberun-agent doctor`` against a real gateway with a good key."""
+    with gateway(work / "doctor-gw") as gw:
+        env = {
+            "CYBERUN_AGENT_GATEWAY_URL": gw.url,
+            "CYBERUN_AGENT_CREDENTIAL": gw.credential("gpu-check"),
+            "CYBERUN_AGENT_STATE_DIR": str(work / "doctor-state"),
+            "CYBERUN_AGENT_CACHE_DIR": str(work / "doctor-cache"),
+            "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__PYTHON": os.environ["COMFYUI_PYTHON"],
+            "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__MAIN": os.environ["COMFYUI_MAIN"],
+            "CYBERUN_AGENT_RUNTIMES__NERFSTUDIO__ENABLED": "true",
+            "CYBERUN_AGENT_RUNTIMES__NERFSTUDIO__BIN_DIR": os.environ["NERFSTUDIO_BIN"],
+        }
+        done = agent_command("doctor", env=env)
+    verdict = "failed" if done.returncode else "passed"
+    return [f"- doctor {verdict} (exit {done.returncode})", "", "```", done.stdout.strip(), "```"]
 
 
 def invert(size: int) -> dict[str, Any]:
@@ -162,8 +215,12 @@ def main() -> int:
     """Print the report; non-zero when a task did not complete."""
     report = [f"## GPU check ({time.strftime('%Y-%m-%d')}, {platform.node()})", "", "### NVML", ""]
     report += nvml_report()
-    report += ["", "### ComfyUI on CUDA through gateway + agent", ""]
+    report += ["", "### The agent's capability probe", ""]
+    report += probe_report()
     with tempfile.TemporaryDirectory(prefix="cyberun-gpu-check-") as work:
+        report += ["", "### cyberun-agent doctor", ""]
+        report += doctor_report(Path(work))
+        report += ["", "### ComfyUI on CUDA through gateway + agent", ""]
         report += comfyui_report(Path(work))
         report += ["", "### splatfacto (Nerfstudio 3DGS) on CUDA", ""]
         report += splatfacto_report(Path(work))
