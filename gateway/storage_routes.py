@@ -180,14 +180,16 @@ async def _receive(request: Request, temp: Path, size: int) -> str:
     """Stream the body into ``temp``; return its MD5 hex. Exactly ``size`` bytes or 400.
 
     On any failure ``temp`` is removed and the request refused; reading stops at the first byte
-    past ``size``.
+    past ``size``. Creating and removing ``temp`` are done without awaiting: a client that
+    disconnects gets its handler cancelled, and a cancellation landing inside an awaited
+    open or unlink would leave the temp file behind.
     """
     digest = hashlib.md5(usedforsecurity=False)
-    out = await asyncio.to_thread(temp.open, "xb")
+    out = temp.open("xb")  # a local create: quick, and not interruptible by a cancellation
     try:
         await _copy_body(request, out, digest, size)
     except BaseException:
-        await asyncio.to_thread(_discard, out, temp)
+        _discard(out, temp)
         raise
     await asyncio.to_thread(out.close)
     return digest.hexdigest()
