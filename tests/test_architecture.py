@@ -10,7 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first. A module may import its own layer and any layer below it, never above.
 # Modules not listed are above every listed layer (e.g. agent.cli, agent.app).
 LAYERS: list[set[str]] = [
-    {"agent.errors", "agent.protocol", "agent.settings", "agent.config_sources"},
+    {
+        "agent.errors",
+        "agent.protocol",
+        "agent.settings",
+        "agent.config_sources",
+        "agent.config_template",
+    },
     {"agent.logs"},
     {
         "agent.runtimes",
