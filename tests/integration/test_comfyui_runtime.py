@@ -7,6 +7,7 @@ would; the agent drives the real ComfyUI started by the ``comfyui`` fixture.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -185,6 +186,38 @@ def test_a_slow_node_streams_progress(gw: GatewayProcess, agent: tuple[AgentProc
     assert events.count("event: progress") >= 2
     assert '"current_node": "4"' in events
     assert '"step_total": 8' in events
+
+
+def test_step_less_nodes_still_report_node_level_progress(
+    gw: GatewayProcess, agent: tuple[AgentProcess, str]
+) -> None:
+    """Built-in nodes without steps give progress per node, rising, with the node running."""
+    process, dk = agent
+    empty = {"width": 32, "height": 32, "batch_size": 1, "color": 0}
+    blur = {"image": ["2", 0], "blur_radius": 2, "sigma": 1.0}
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": empty},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "ImageBlur", "inputs": blur},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "np"}},
+    }
+    task_id = run(gw, dk, {"name": "nodes", "workflow_json": graph})
+    finished(gw, dk, process, task_id)
+    with gw.client(dk) as http:
+        events = http.get(f"/r/tasks/{task_id}/events").text
+    progress = [
+        json.loads(line.removeprefix("data: "))
+        for block in events.split("\n\n")
+        if "event: progress" in block
+        for line in block.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert progress, events
+    values = [p["progress"] for p in progress]
+    assert values == sorted(values)
+    assert all(0 <= v < 1 for v in values)
+    assert {p["current_node"] for p in progress} <= {"1", "2", "3", "4"}
+    assert "step_total" not in progress[0] or progress[0]["step_total"] is None
 
 
 def test_cancel_mid_run_lands_within_two_seconds(

@@ -8,7 +8,8 @@ Attach to ``runtimes.comfyui.url`` or launch and supervise ComfyUI
   ``/object_info`` — so a bad graph fails before anything runs;
 - **run**: the ``/ws`` stream opened with the task's client id BEFORE ``POST /prompt`` with
   a prompt id derived from task id + attempt (journaled: a restarted agent finds the same
-  prompt again); ``progress`` → task progress; ``executed`` → outputs downloaded via
+  prompt again); task progress is nodes done (``executing``, ``execution_cached``) plus the
+  running node's own steps (``progress``), over all nodes; ``executed`` → outputs downloaded via
   ``/view`` and handed over for upload at once; ``/history`` is the truth (read after
   ``executing {node: null}``, and polled when the WebSocket drops);
 - **interrupt**: ``/interrupt`` when running, ``/queue`` delete when pending;
@@ -71,6 +72,10 @@ class _Run:
     client: ComfyClient
     collected: dict[str, Output] = field(default_factory=dict)
     current: str | None = None
+    nodes: int = 0
+    """Nodes in the prompt: progress is node-level, refined by a node's own steps."""
+    done: set[str] = field(default_factory=set)
+    """Nodes finished or taken from ComfyUI's cache."""
 
 
 class ComfyUIRuntime:
@@ -149,7 +154,7 @@ class ComfyUIRuntime:
         client = await self.pool.acquire(prompt_id)
         try:
             graph = apply_injections(graph, await self._upload_inputs(client, spec, prompt_id))
-            run = _Run(prompt_id, workspace / "outputs", events, client)
+            run = _Run(prompt_id, workspace / "outputs", events, client, nodes=len(graph))
             run.workspace.mkdir(parents=True, exist_ok=True)
             events.handle({"prompt_id": prompt_id})
             async with _events_or_none(client, prompt_id) as stream:
@@ -265,10 +270,16 @@ class ComfyUIRuntime:
         if not isinstance(data, dict) or data.get("prompt_id", run.prompt_id) != run.prompt_id:
             return False
         if kind == "executing":
+            if run.current is not None:
+                run.done.add(run.current)
             run.current = data.get("node")
-            return run.current is None
-        if kind == "progress":
-            run.events.progress(_progress(data, run.current))
+            if run.current is None:
+                return True
+            run.events.progress(_progress({}, run))
+        elif kind == "execution_cached":
+            run.done.update(str(node) for node in data.get("nodes") or [])
+        elif kind == "progress":
+            run.events.progress(_progress(data, run))
         elif kind == "executed":
             await self._collect(run, {str(data.get("node")): data.get("output") or {}})
         elif kind == "execution_error":
@@ -349,14 +360,17 @@ async def _events_or_none(client: ComfyClient, client_id: str) -> AsyncIterator[
         yield stream
 
 
-def _progress(data: Mapping[str, Any], current: str | None) -> Progress:
+def _progress(data: Mapping[str, Any], run: _Run) -> Progress:
+    """Nodes done (plus the running node's steps, from a ``progress`` event) over all nodes."""
     value, maximum = int(data.get("value") or 0), int(data.get("max") or 0)
-    node = str(data.get("node") or current or "") or None
+    node = str(data.get("node") or run.current or "") or None
+    steps = min(1.0, value / maximum) if maximum > 0 else 0.0
+    overall = (len(run.done) + steps) / run.nodes if run.nodes else steps
     return Progress(
-        progress=value / maximum if maximum else 0.0,
+        progress=max(0.0, min(1.0, overall)),
         current_node=node,
-        step_current=value,
-        step_total=maximum,
+        step_current=value if maximum else None,
+        step_total=maximum or None,
     )
 
 
