@@ -4,11 +4,17 @@ Readiness follows the process, not a fixed wait: the child must be alive and ans
 ``/system_stats`` and ``/object_info``. When it dies it is restarted with jittered
 exponential backoff (``stamina``); ``ready`` is cleared meanwhile, which makes the agent
 ``unhealthy`` (no new tasks) until it is back.
+
+The child gets the agent's environment less what would redirect its interpreter
+(``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``, ``VIRTUAL_ENV``: ComfyUI runs in its
+own venv), and a ``base_directory`` gets the ``custom_nodes`` folder ComfyUI insists on.
+A start-up that fails logs the last lines ComfyUI printed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -24,6 +30,8 @@ from agent.runtimes.process import ManagedProcess, Stream
 
 log = structlog.get_logger("agent.comfyui")
 READY_POLL_S = 0.25
+TAIL_LINES = 20
+_NOT_INHERITED = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"})
 
 
 class LaunchError(AgentError):
@@ -57,9 +65,12 @@ class ComfyProcess:
         ]
         if base_directory is not None:
             argv += ["--base-directory", str(base_directory)]
+        self.base_directory = base_directory
         self.argv = [*argv, *args]
         self.cwd = main.parent
-        self.env = env if env is not None else dict(os.environ)
+        source = env if env is not None else os.environ
+        self.env = {k: v for k, v in source.items() if k not in _NOT_INHERITED}
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.ready_timeout = ready_timeout
         self.ready = asyncio.Event()
         self.exited = asyncio.Event()
@@ -82,6 +93,11 @@ class ComfyProcess:
     async def _once(self) -> None:
         started = time.monotonic()
         self.exited.clear()
+        self.tail.clear()
+        if self.base_directory is not None:  # ComfyUI's start-up fails without it
+            await asyncio.to_thread(
+                (self.base_directory / "custom_nodes").mkdir, parents=True, exist_ok=True
+            )
         try:
             process = await ManagedProcess.start(
                 self.argv, cwd=self.cwd, env=self.env, on_line=self._line
@@ -113,6 +129,11 @@ class ComfyProcess:
         async with httpx.AsyncClient(base_url=self.url, timeout=5, trust_env=False) as http:
             while time.monotonic() < deadline:
                 if process.returncode is not None:
+                    log.warning(
+                        "ComfyUI exited during start-up",
+                        exit_code=process.returncode,
+                        output=list(self.tail),
+                    )
                     raise LaunchError(f"ComfyUI exited during start-up with {process.returncode}")
                 with contextlib.suppress(httpx.HTTPError):
                     stats = await http.get("/system_stats")
@@ -128,4 +149,5 @@ class ComfyProcess:
             await self._process.stop(interrupt_grace=5, term_grace=5)
 
     def _line(self, stream: Stream, line: str) -> None:
+        self.tail.append(line[:500])
         log.debug("comfyui", stream=stream, line=line[:500])
