@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ import pytest
 from demo.png import size_of
 from tests.agent_process import ROOT
 from tests.comfyui import ComfyUIServer
+from tests.streams import Lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -51,29 +50,17 @@ class Demo:
             text=True,
             start_new_session=True,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.out: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
+        self.lines = Lines(self.process.stdout)
+
+    @property
+    def out(self) -> str:
+        """What the demo printed so far."""
+        return self.lines.text
 
     def wait_line(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         """Wait for a line of the demo's output matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.out:
-                if found := re.search(pattern, line):
-                    return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line {pattern!r} in:\n{''.join(self.out)}")
-            try:
-                self.out.append(self.lines.get(timeout=remaining))
-            except queue.Empty:
-                continue
+        return self.lines.wait(pattern, timeout)
 
     def ctrl_c(self) -> None:
         """What Ctrl-C in a terminal does: SIGINT to the foreground process group."""
@@ -82,12 +69,7 @@ class Demo:
     def finish(self, timeout: float = 120) -> tuple[int, str]:
         """Wait for the exit; return its code and all it printed."""
         code = self.process.wait(timeout=timeout)
-        while True:  # the pump thread hands over the last lines
-            try:
-                self.out.append(self.lines.get(timeout=2))
-            except queue.Empty:
-                break
-        return code, "".join(self.out)
+        return code, self.lines.rest()
 
     def kill(self) -> None:
         """Make sure the demo itself is gone."""
@@ -174,7 +156,7 @@ def test_serve_mode_prints_a_curl_example_that_works(
     data = tmp_path / "data"
     with demo(comfyui, data, "--serve") as running:
         running.wait_line(r"curl -s \{?.*/result")
-        printed = "".join(running.out)
+        printed = running.out
         script = "\n".join(
             line.strip()
             for line in printed.split("(paste into a shell):", 1)[1].splitlines()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import socket
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,9 @@ from tests.comfyui import ComfyUIServer
 from tests.gateway_process import GatewayProcess, gateway, run_cli
 from tests.nerfstudio import NerfstudioInstall
 from tests.nvml_fake import FakeGpu, nvml_env, write_scenario
+from tests.streams import Lines
 
 GIB = 1024**3
-USER_CODE = re.compile(r"\b([A-Z0-9]{4}-[A-Z0-9]{4})\b")
 KEY = re.compile(r"\b(?:dk|ak|sk)-[A-Za-z0-9_-]{20,}")
 
 
@@ -258,37 +256,27 @@ class Login:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.out: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
+        self.lines = Lines(self.process.stdout)
 
     def user_code(self, timeout: float = 30) -> str:
         """Wait for the code the command shows."""
-        while True:
-            line = self.lines.get(timeout=timeout)
-            self.out.append(line)
-            if "approve the code" in line:
-                found = USER_CODE.search(line)
-                assert found, line
-                return found.group(1)
+        return self.lines.wait(r"approve the code:\s+([A-Z0-9]{4}-[A-Z0-9]{4})\b", timeout).group(1)
 
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
         """Wait for the exit: code, all stdout, stderr."""
-        _, err = self.process.communicate(timeout=timeout)
-        while not self.lines.empty():
-            self.out.append(self.lines.get_nowait())
-        return self.process.returncode, "".join(self.out), err
+        assert self.process.stderr is not None
+        code = self.process.wait(timeout=timeout)
+        return code, self.lines.rest(), self.process.stderr.read()
 
     def stop(self) -> None:
         """Kill the command if it still runs."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.communicate(timeout=10)
+        self.process.wait(timeout=10)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_login_pairs_and_stores_both_keys_privately(tmp_path: Path, gw: GatewayProcess) -> None:
