@@ -12,7 +12,9 @@ does to a task lives in ``gateway.agent_messages``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,6 +91,7 @@ class AgentConn:
     status: Status | None = None
     last_heartbeat: float = field(default_factory=time.time)
     tasks_completed: int = 0
+    _view: tuple[Status | None, AgentView] | None = field(default=None, repr=False)
 
     @property
     def agent_id(self) -> str:
@@ -113,7 +116,21 @@ class AgentConn:
             self.outbox.put_nowait(code)
 
     def view(self, awaiting_ack: int) -> AgentView:
-        """What the scheduler sees (credits minus assigns not yet answered)."""
+        """What the scheduler sees (credits minus assigns not yet answered).
+
+        The view is rebuilt only when a new ``status`` arrived: a dispatch pass over a large
+        fleet must not allocate a fresh view per agent (garbage and collector pauses).
+        """
+        cached = self._view
+        if cached is None or cached[0] is not self.status:
+            cached = self._view = (self.status, self._build_view())
+        view = cached[1]
+        if awaiting_ack <= 0:
+            return view
+        free = {pool: max(0, n - awaiting_ack) for pool, n in view.free.items()}
+        return dataclasses.replace(view, free=free)
+
+    def _build_view(self) -> AgentView:
         hello = self.hello
         status = self.status
         free = dict(status.free_slots) if status else dict(hello.capacity)
@@ -125,7 +142,7 @@ class AgentConn:
             ),
             pools=frozenset(p.value for p in hello.pools),
             region=hello.region,
-            free={p.value: max(0, n - awaiting_ack) for p, n in free.items()},
+            free={p.value: max(0, n) for p, n in free.items()},
             capacity={p.value: n for p, n in hello.capacity.items()},
             status=status.agent_status.value if status else "idle",
             tools=frozenset(t.name.value for t in hello.tools),
@@ -268,7 +285,8 @@ class Hub:
             return
         # owners first: team work is placed before community work (stable: oldest first)
         pending.sort(key=lambda task: task.target_pool is not TargetPool.TEAM)
-        views = {key: conn.view(self._awaiting(key)) for key, conn in self.agents.items()}
+        awaiting = collections.Counter(key for key, _, _ in self.deadlines.ack.values())
+        views = {key: conn.view(awaiting[key]) for key, conn in self.agents.items()}
         for task in pending:
             if task.dispatch_target is not DispatchTarget.AGENT:
                 continue
@@ -278,9 +296,6 @@ class Hub:
                 continue
             self._assign(task, self.agents[choice.key])
             views[choice.key] = _one_less(choice)
-
-    def _awaiting(self, agent_key: str) -> int:
-        return sum(1 for key, _, _ in self.deadlines.ack.values() if key == agent_key)
 
     def _demand(self, task: TaskRow) -> Demand:
         payload = task.payload

@@ -27,7 +27,15 @@ from typing import Any
 import comfy.utils  # type: ignore[import-not-found]
 
 CATEGORY = "cyberun/test"
-NEVER_EQUAL = float("nan")  # IS_CHANGED result that makes ComfyUI re-run the node every time
+
+
+def never_equal() -> float:
+    """A fresh NaN each call: ComfyUI re-runs the node every time.
+
+    A fresh object matters: Python's ``==`` on containers treats the *same* NaN object as
+    equal to itself (identity first), so one shared NaN would let ComfyUI's cache match.
+    """
+    return float("nan")
 
 
 class CyberunSlowPassthrough:
@@ -50,8 +58,8 @@ class CyberunSlowPassthrough:
 
     @classmethod
     def IS_CHANGED(cls, **_inputs: Any) -> float:  # noqa: N802 -- ComfyUI's name
-        """Never cached: NaN compares unequal to the previous run's value."""
-        return NEVER_EQUAL
+        """Never cached: a fresh NaN compares unequal to the previous run's value."""
+        return never_equal()
 
     def run(self, image: Any, steps: int, step_s: float) -> tuple[Any]:
         """Sleep ``step_s`` and report one step of progress, ``steps`` times; return ``image``."""
@@ -80,8 +88,8 @@ class CyberunFail:
 
     @classmethod
     def IS_CHANGED(cls, **_inputs: Any) -> float:  # noqa: N802 -- ComfyUI's name
-        """Never cached: NaN compares unequal to the previous run's value."""
-        return NEVER_EQUAL
+        """Never cached: a fresh NaN compares unequal to the previous run's value."""
+        return never_equal()
 
     def run(self, message: str, image: Any = None) -> tuple[()]:
         """Raise ``RuntimeError(message)``."""
@@ -107,8 +115,8 @@ class CyberunEmitText:
 
     @classmethod
     def IS_CHANGED(cls, **_inputs: Any) -> float:  # noqa: N802 -- ComfyUI's name
-        """Never cached: NaN compares unequal to the previous run's value."""
-        return NEVER_EQUAL
+        """Never cached: a fresh NaN compares unequal to the previous run's value."""
+        return never_equal()
 
     def run(self, text: str, image: Any = None) -> dict[str, Any]:
         """Return ``text`` as this node's UI output."""
