@@ -18,6 +18,7 @@ import platform
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import structlog
@@ -27,6 +28,8 @@ from agent.control.connection import Connection
 from agent.errors import AgentError
 from agent.health import GpuMonitor, GpuPolicy, GpuState
 from agent.lifecycle import Lifecycle, Phase
+from agent.metrics import Metrics
+from agent.observe import ObserveServer
 from agent.protocol.messages import (
     AgentStatus,
     GpuInfo,
@@ -80,6 +83,9 @@ class Agent:
         self.gpu_state = GpuState()
         self.healthy: frozenset[str] | None = None
         """Runtimes that passed their last health check (``None``: not checked yet)."""
+        self.metrics = Metrics()
+        self.metrics.identify(__version__, self.agent_id)
+        self.connection: Connection | None = None
         self.session = Session(
             self._session_config(),
             wall_offset=time.time() - time.monotonic(),
@@ -175,7 +181,7 @@ class Agent:
         timeouts = self.settings.timeouts
         async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=timeouts.connect_s)) as http:
             self.manager = TaskManager(
-                self.settings, self.session, self.journal, self.runtimes, http
+                self.settings, self.session, self.journal, self.runtimes, http, metrics=self.metrics
             )
             self.manager.on_drain = self._gateway_drain
             # late-bound: gpu_state is replaced by every sample
@@ -190,6 +196,7 @@ class Agent:
                 on_disconnected=self._disconnected,
             )
             self.manager.transport = connection
+            self.connection = connection
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
             try:
@@ -222,6 +229,7 @@ class Agent:
                 ),
                 group.create_task(self._sample_resources(), name="resources"),
                 group.create_task(self._watch_runtimes(), name="runtime health"),
+                group.create_task(self._observe(), name="observe endpoint"),
             ]
             stopper = group.create_task(self._stop_when_told(), name="lifecycle")
             await asyncio.wait({parts[0], stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -239,9 +247,10 @@ class Agent:
                 log.info("GPU healthy again", gpu=index)
             self.gpu_state = state
             self._publish()  # refreshes free VRAM for the next hello; status only on change
-            self.session.set_resources(
-                hardware.resources(self.settings.work_dir, state.snapshots()), None
-            )
+            snapshots = state.snapshots()
+            self.session.set_resources(hardware.resources(self.settings.work_dir, snapshots), None)
+            self.metrics.gpus(snapshots)
+            self._count_slots()
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
 
     async def _sample_gpus(self, sample: Callable[[], GpuState]) -> GpuState:
@@ -331,10 +340,80 @@ class Agent:
     # ------------------------------------------------------------------ connection events
 
     def _connected(self) -> None:
+        self.metrics.connection(up=True)
         self.gate.connected(time.monotonic())
         self.notifier.ready(f"connected to {self.settings.gateway_url}")
 
     def _disconnected(self) -> None:
+        self.metrics.connection(up=False)
         self.manager.disconnected()
         self.gate.disconnected(time.monotonic())
         self.notifier.status("disconnected from the gateway; reconnecting")
+
+    # ------------------------------------------------------------------ observability
+
+    async def _observe(self) -> None:
+        """Serve /healthz, /readyz, /metrics and /status (see :mod:`agent.observe`)."""
+        observe = self.settings.observe
+        if observe.address is None:
+            return
+        host, port = observe.address
+        server = ObserveServer(
+            host, port, self.metrics, self.not_ready, self.state, token=observe.token()
+        )
+        try:
+            await server.serve()
+        except OSError as exc:  # the agent's work goes on without its endpoint
+            log.error(  # noqa: TRY400 - the reason is the whole story
+                "observe endpoint not started", listen=observe.listen, reason=str(exc)
+            )
+
+    def not_ready(self) -> list[str]:
+        """Why this agent cannot take work now (empty: it can)."""
+        reasons = []
+        if self.connection is None or not self.connection.connected:
+            reasons.append("not connected to the gateway")
+        status = self.session.agent_status()
+        if status not in {AgentStatus.IDLE, AgentStatus.BUSY}:
+            reasons.append(f"agent status is {status.value}")
+        if self.runtimes and self.healthy is not None and not self.healthy:
+            reasons.append("no runtime is healthy")
+        if self.gpu_state.all_unusable:
+            reasons.append("no usable GPU: " + "; ".join(self.gpu_state.problems.values()))
+        return reasons
+
+    def state(self) -> dict[str, Any]:
+        """What ``/status`` (and ``cyberun-agent status``) shows."""
+        session, advert = self.session, self.session.advert
+        connected = self.connection is not None and self.connection.connected
+        return {
+            "agent_id": self.agent_id,
+            "agent_version": __version__,
+            "gateway_url": self.settings.gateway_url,
+            "connected": connected,
+            "agent_status": session.agent_status().value,
+            "ready": not self.not_ready(),
+            "not_ready": self.not_ready(),
+            "labels": list(advert.labels),
+            "region": advert.region,
+            "capacity": {pool.value: n for pool, n in session.capacity().items()},
+            "free_slots": {pool.value: n for pool, n in session.free_slots().items()},
+            "running": [{"task_id": r.task_id, "attempt": r.attempt} for r in session.running()],
+            "runtimes": {
+                tool: {
+                    "version": rt.version,
+                    "healthy": None if self.healthy is None else tool in self.healthy,
+                }
+                for tool, rt in self.runtimes.items()
+            },
+            "gpus": [
+                s.model_dump(mode="json", exclude_none=True) for s in self.gpu_state.snapshots()
+            ],
+            "nvml": self.gpu_state.nvml or "ok",
+        }
+
+    def _count_slots(self) -> None:
+        session = self.session
+        capacity = {pool.value: n for pool, n in session.capacity().items()}
+        self.metrics.slots(capacity, {pool.value: n for pool, n in session.free_slots().items()})
+        self.metrics.status(session.agent_status())

@@ -156,6 +156,16 @@ def _add_setup_commands(
     )
     hardware.add_argument("--json", action="store_true", help="print JSON")
     hardware.set_defaults(handler=_hardware)
+    status = commands.add_parser(
+        "status",
+        allow_abbrev=False,
+        parents=[common],
+        help="show the running agent's state (from its observe endpoint)",
+        description="Ask the running agent (observe.listen) for its connection, slots, tasks "
+        "and GPUs; exits 1 when no agent answers.",
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON it answers")
+    status.set_defaults(handler=_status)
 
 
 def _add_config_commands(
@@ -449,6 +459,71 @@ def _hardware(args: argparse.Namespace) -> int:
         print(f"gpu {found.index}: {found.name}, {found.vram_total / 2**30:.0f} GiB — {verdict}")
     print(f"labels: {', '.join(report['labels']) or '(none)'} (+ one per healthy runtime)")
     return ExitCode.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    observe = loaded.settings.observe
+    if observe.address is None:
+        raise ConfigError("observe.listen", loaded.source_of("observe.listen"), "is off (empty)")
+    host, port = observe.address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a wildcard bind
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
+    token = observe.token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    httpx = importlib.import_module("httpx")
+    try:
+        answer = httpx.get(url, headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        print(f"{PROG} status: no agent answers at {url} ({type(exc).__name__})", file=sys.stderr)
+        return ExitCode.FAILURE
+    if answer.status_code != 200:
+        print(f"{PROG} status: {url} answered HTTP {answer.status_code}", file=sys.stderr)
+        return ExitCode.FAILURE
+    state = answer.json()
+    print(json.dumps(state, indent=2) if args.json else _status_table(state))
+    return ExitCode.OK
+
+
+def _status_table(state: dict[str, Any]) -> str:
+    link = f"connected to {state['gateway_url']}" if state["connected"] else "NOT connected"
+    ready = "ready" if state["ready"] else "NOT ready: " + "; ".join(state["not_ready"])
+    slots = ", ".join(
+        f"{pool} {cap - state['free_slots'].get(pool, 0)}/{cap} busy"
+        for pool, cap in state["capacity"].items()
+    )
+    rows = [
+        ("agent", f"{state['agent_id']} ({state['agent_version']}), {link}"),
+        ("status", f"{state['agent_status']}, {ready}"),
+        ("slots", slots or "none"),
+        ("labels", ", ".join(state["labels"]) or "none"),
+        ("region", state["region"] or "(unset)"),
+    ]
+    rows += [("running", f"{t['task_id']} (attempt {t['attempt']})") for t in state["running"]]
+    health = {True: "healthy", False: "UNHEALTHY", None: "not checked yet"}
+    rows += [
+        ("runtime", f"{tool} {rt['version'] or ''} {health[rt['healthy']]}")
+        for tool, rt in state["runtimes"].items()
+    ]
+    rows += [(f"gpu {g['index']}", _gpu_line(g)) for g in state["gpus"]]
+    if not state["gpus"]:
+        rows.append(("gpu", f"none ({state['nvml']})"))
+    return "\n".join(f"{name:<8}  {value}" for name, value in rows)
+
+
+def _gpu_line(gpu: dict[str, Any]) -> str:
+    parts = []
+    if "utilization" in gpu:
+        parts.append(f"{gpu['utilization']:.0f} %")
+    if "memory_used" in gpu and "memory_total" in gpu:
+        parts.append(f"{gpu['memory_used'] / 2**30:.1f}/{gpu['memory_total'] / 2**30:.1f} GiB")
+    if "temperature_c" in gpu:
+        parts.append(f"{gpu['temperature_c']:g} °C")
+    if "power_w" in gpu:
+        parts.append(f"{gpu['power_w']:.0f} W")
+    if gpu.get("problem"):
+        parts.append(f"NOT OFFERED: {gpu['problem']}")
+    return ", ".join(parts) or "no readings"
 
 
 def _run(args: argparse.Namespace) -> int:

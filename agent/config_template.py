@@ -103,6 +103,13 @@ _TEMPLATE = """\
 ##  A GPU at or above this temperature (degrees C) gets no new work until it cools down.
 #   max_temperature_c: 90.0
 
+## The local endpoint: /healthz, /readyz (probes), /metrics (Prometheus), /status.
+# observe:
+##  HOST:PORT to listen on; "" turns it off. Beyond loopback it needs token_file.
+#   listen: 127.0.0.1:9464
+##  File with the bearer token /metrics and /status require (16+ characters).
+#   token_file: null
+
 ## Directories (~ is expanded; relative paths are taken from the working directory).
 ## State: agent id, task journal.
 # state_dir: {state_dir}

@@ -438,6 +438,61 @@ class NerfstudioSettings(BaseModel):
     """``TORCH_HOME`` for the ``ns-*`` commands (pre-seeded weights: nothing is downloaded)."""
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into its parts; ``ValueError`` naming the rule."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('must look like "127.0.0.1:9464" (HOST:PORT, [v6]:PORT for IPv6)')
+    return host, int(port)
+
+
+def _check_listen(value: str) -> str:
+    value = value.strip()
+    if value:
+        parse_listen(value)
+    return value
+
+
+class ObserveSettings(BaseModel):
+    """The local endpoint: ``/healthz``, ``/readyz``, ``/metrics`` and ``/status``."""
+
+    model_config = _FROZEN
+
+    listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9464"
+    """``HOST:PORT`` to serve on; "" turns the endpoint off."""
+    token_file: ExpandedPath | None = None
+    """A file holding the bearer token ``/metrics`` and ``/status`` require; needed to bind
+    beyond loopback (``/healthz`` and ``/readyz`` stay open for probes)."""
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> Self:
+        if self.listen and not _is_loopback(parse_listen(self.listen)[0]) and not self.token_file:
+            raise ValueError(
+                "binding observe.listen beyond loopback needs observe.token_file "
+                "(/metrics and /status would be open to the network)"
+            )
+        return self
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where to listen, or ``None`` when the endpoint is off."""
+        return parse_listen(self.listen) if self.listen else None
+
+    def token(self) -> str | None:
+        """The bearer token (read from ``token_file`` each call), or ``None``."""
+        if self.token_file is None:
+            return None
+        origin = f"observe.token_file {self.token_file}"
+        try:
+            value = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("observe.token_file", origin, f"cannot read it: {exc}") from None
+        if len(value) < 16:
+            raise ConfigError("observe.token_file", origin, "the token must be 16+ characters")
+        return value
+
+
 class GpuSettings(BaseModel):
     """GPU discovery (NVML) and the health limits beyond which a GPU gets no work."""
 
@@ -490,6 +545,7 @@ class Settings(BaseModel):
     slots: Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_auto_slots)] = None
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
     state_dir: ExpandedPath = Field(default_factory=_default_state_dir)
     work_dir: ExpandedPath = Field(default_factory=_default_work_dir)
     cache_dir: ExpandedPath = Field(default_factory=_default_cache_dir)

@@ -38,7 +38,7 @@ import re
 import stat
 import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import partial
@@ -138,6 +138,8 @@ class RetryPolicy:
     wait_initial_s: float = 0.5
     wait_max_s: float = 30.0
     wait_jitter_s: float = 1.0
+    on_retry: Callable[[], None] | None = field(default=None, compare=False)
+    """Called each time a failed attempt is to be retried (the agent counts them)."""
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -255,6 +257,8 @@ async def _retrying(operation: Callable[[], Awaitable[T]], policy: RetryPolicy) 
     def hook(error: Exception) -> bool | float:
         if not isinstance(error, TransferError) or not error.retryable:
             return False
+        if policy.on_retry is not None:
+            policy.on_retry()
         if error.retry_after_s is None:
             return True
         return min(error.retry_after_s, policy.wait_max_s)

@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
         "agent.hardware",
         "agent.health",
         "agent.nvml",
+        "agent.metrics",
         "agent.sync",
     },
     {"agent.policy", "agent.tasks"},

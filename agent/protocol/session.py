@@ -610,6 +610,11 @@ class Session:
         self._pool_caps[pool] = max(0, cap)
         return self._status_if_changed(now)
 
+    @property
+    def advert(self) -> Advert:
+        """What ``hello`` says now."""
+        return self._advert
+
     def set_advert(self, advert: Advert, now: float) -> list[Action]:
         """Refresh what ``hello`` says; label changes are pushed in the next ``status``."""
         self._advert = advert
@@ -678,7 +683,7 @@ class Session:
             labels=list(advert.labels),
             pools=list(self._pool_caps),
             region=advert.region,
-            capacity=self._capacity(),
+            capacity=self.capacity(),
             capability=advert.capability,
             system_stats=advert.system_stats,
             models=list(advert.models),
@@ -686,7 +691,8 @@ class Session:
             features=list(advert.features),
         )
 
-    def _capacity(self) -> dict[Pool, int]:
+    def capacity(self) -> dict[Pool, int]:
+        """Most tasks per pool (each pool's cap, at most ``slots``)."""
         return {pool: min(cap, self.config.slots) for pool, cap in self._pool_caps.items()}
 
     def _signature(self) -> tuple[Any, ...]:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from agent.metrics import Metrics
 from agent.protocol.actions import (
     AbandonTask,
     Action,
@@ -48,6 +49,7 @@ from agent.protocol.messages import (
     TaskAssign,
     TaskPhase,
     TaskRef,
+    TaskReject,
     TaskUploadUrls,
     Timings,
     UploadFile,
@@ -57,6 +59,7 @@ from agent.runtimes.base import Progress, Runtime, TaskFailure
 from agent.settings import Settings
 from agent.tasks.journal import Journal, JournalEntry
 from agent.tasks.runner import Resume, TaskRunner
+from agent.transfer import RetryPolicy
 
 log = structlog.get_logger("agent.tasks")
 UPLOAD_REPLY_S = 30.0
@@ -84,6 +87,7 @@ class TaskManager:
     """Called with the reason when the gateway asks for a drain."""
     vram_refusal: Callable[[float], str | None] = lambda _need_gb: None
     """Why a task needing this many GiB of free VRAM cannot run here (``None``: it can)."""
+    metrics: Metrics = field(default_factory=Metrics)
     runners: dict[tuple[str, int], TaskRunner] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _pending_start: list[TaskRunner] = field(default_factory=list)
@@ -146,6 +150,8 @@ class TaskManager:
     def _perform_one(self, action: Action) -> None:
         match action:
             case Send():
+                if isinstance(action.message, TaskReject):
+                    self.metrics.rejected(action.message.reason.value)
                 if self.transport is not None:
                     self.transport.send(action.message)
             case Close():
@@ -230,6 +236,7 @@ class TaskManager:
         if runtime is None:
             runtime = _MissingRuntime(assign.tool.value)
         return TaskRunner(
+            retry=RetryPolicy(on_retry=self.metrics.upload_retry),
             assign=assign,
             runtime=runtime,
             host=self,
@@ -327,24 +334,33 @@ class TaskManager:
 
     def output_uploaded(self, task: TaskRef, output: OutputFile) -> None:
         """Journal an uploaded output."""
+        self.metrics.uploaded(output.size)
         if self.journal.get(task) is not None:
             self.journal.add_output(task, output)
 
     def complete(self, task: TaskRef, outputs: list[OutputFile], timings: Timings) -> None:
         """Report success (journaled first)."""
+        self._count(task, "completed", timings)
         self._terminal(task, self.session.complete(task, self.clock(), outputs, timings))
 
     def fail(
         self, task: TaskRef, error: ErrorInfo, outputs: list[OutputFile], timings: Timings
     ) -> None:
         """Report failure (journaled first)."""
+        self._count(task, "failed", timings)
         self._terminal(task, self.session.fail(task, self.clock(), error, outputs, timings))
 
     def cancelled(
         self, task: TaskRef, reason: str, outputs: list[OutputFile], timings: Timings
     ) -> None:
         """Report cancellation (journaled first)."""
+        self._count(task, "cancelled", timings)
         self._terminal(task, self.session.cancelled(task, self.clock(), reason, outputs, timings))
+
+    def _count(self, task: TaskRef, outcome: str, timings: Timings) -> None:
+        runner = self.runners.get((task.task_id, task.attempt))
+        pool = runner.assign.pool.value if runner is not None else "unknown"
+        self.metrics.task_finished(outcome, pool, timings)
 
     def _terminal(self, task: TaskRef, actions: list[Action]) -> None:
         message = self.session.terminal_for(task)

@@ -58,7 +58,15 @@ from agent.runtimes.base import (
 )
 from agent.settings import Settings
 from agent.tasks.reporting import LogBatcher, ProgressCoalescer
-from agent.transfer import TransferError, download, sha256_file, upload, upload_part
+from agent.transfer import (
+    DEFAULT_RETRY,
+    RetryPolicy,
+    TransferError,
+    download,
+    sha256_file,
+    upload,
+    upload_part,
+)
 
 log = structlog.get_logger("agent.runner")
 T = TypeVar("T")
@@ -119,6 +127,8 @@ class TaskRunner:
     settings: Settings
     resume: Resume | None = None
     clock: Callable[[], float] = time.monotonic
+    retry: RetryPolicy = DEFAULT_RETRY
+    """How transfers are retried (the manager's counts the retries for /metrics)."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _stop_reason: str = ""
     _abandoned: bool = False
@@ -260,6 +270,7 @@ class TaskRunner:
                     max_bytes=self.settings.limits.max_input_bytes,
                     declared_size=item.size,
                     expected_sha256=item.sha256,
+                    retry=self.retry,
                 )
             except TransferError as exc:
                 raise TaskFailure(
@@ -402,7 +413,11 @@ class TaskRunner:
                     parts = await self._upload_multipart(output, target)
                 else:
                     await upload(
-                        self.http, target.upload_url or "", target.upload_headers, output.path
+                        self.http,
+                        target.upload_url or "",
+                        target.upload_headers,
+                        output.path,
+                        retry=self.retry,
                     )
             except ValueError as exc:  # the gateway's URLs or parts do not fit the file
                 raise TaskFailure("upload_failed", f"output {output.key}: {exc}") from exc
@@ -438,7 +453,9 @@ class TaskRunner:
         for part in sorted(target.parts, key=lambda p: p.part_number):
             etag = done.get(str(part.part_number))
             if etag is None:
-                etag = (await upload_part(self.http, part, output.path, offset)).etag
+                etag = (
+                    await upload_part(self.http, part, output.path, offset, retry=self.retry)
+                ).etag
                 done[str(part.part_number)] = etag
                 self.host.set_handle(self.ref, self._handle)
             results.append(OutputPart(part_number=part.part_number, etag=etag))
