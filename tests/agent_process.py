@@ -130,6 +130,7 @@ def start_agent(
         "CYBERUN_AGENT_TIMEOUTS__HEARTBEAT_S": "1",
         "CYBERUN_AGENT_TIMEOUTS__RETRANSMIT_S": "1",
         "CYBERUN_AGENT_TIMEOUTS__CANCEL_GRACE_S": "3",
+        "CYBERUN_AGENT_OBSERVE__LISTEN": "",  # tests that scrape it pick a free port
         **(extra_env or {}),
     }
     home.mkdir(parents=True, exist_ok=True)
