@@ -29,6 +29,7 @@ from tests.gateway_process import gateway
 from tests.nerfstudio_scene import make_scene
 
 SIZES = (512, 1024, 2048)
+OBSERVE_PORT = 19464
 RUNS = 3
 
 
@@ -127,6 +128,7 @@ def comfyui_report(work: Path) -> list[str]:
             "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__PORT": "18188",
             "CYBERUN_AGENT_RUNTIMES__COMFYUI__LAUNCH__BASE_DIRECTORY": str(work / "comfy"),
             "CYBERUN_AGENT_TIMEOUTS__RUNTIME_READY_S": "600",
+            "CYBERUN_AGENT_OBSERVE__LISTEN": f"127.0.0.1:{OBSERVE_PORT}",
         }
         started = time.monotonic()
         agent = start_agent(work / "agent", gw.url, dk, "gpu-check", extra_env=env)
@@ -142,9 +144,18 @@ def comfyui_report(work: Path) -> list[str]:
             lines += ["", "| size | runs | median s | min s | status |", "|---|---|---|---|---|"]
             for size in SIZES:
                 lines.append(_run_size(gw, dk, agent, size))
+            lines += ["", *metrics_report()]
         finally:
             agent.stop()
     return lines
+
+
+def metrics_report() -> list[str]:
+    """The agent's /metrics GPU gauges and task counters, scraped after the runs."""
+    text = httpx.get(f"http://127.0.0.1:{OBSERVE_PORT}/metrics", timeout=10).text
+    wanted = ("cyberun_agent_gpu_", "cyberun_agent_tasks_total", "cyberun_agent_uploaded_bytes")
+    kept = [line for line in text.splitlines() if line.startswith(wanted)]
+    return ["/metrics after the runs (GPU gauges from the real NVML):", "", "```", *kept, "```"]
 
 
 def _run_size(gw: Any, dk: str, agent: Any, size: int) -> str:
