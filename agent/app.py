@@ -49,6 +49,8 @@ from agent.tasks.manager import TaskManager
 log = structlog.get_logger("agent.app")
 ACK_WAIT_S = 10.0
 """How long a stopping agent waits for the gateway to acknowledge its last reports."""
+CANCEL_SLACK_S = 5.0
+"""Beyond the cancel and kill graces: time for cancelled runners to report."""
 WATCHDOG_DISCONNECT_GRACE_S = 120.0
 RUNTIME_CHECK_S = 5.0
 NVML_ANSWER_S = 30.0
@@ -308,7 +310,7 @@ class Agent:
             manager.perform(self.session.drain(time.monotonic()))
             self.notifier.stopping("stopping: cancelling running tasks")
             manager.cancel_all("the agent is stopping")
-            grace = timeouts.cancel_grace_s + timeouts.kill_grace_s + 5
+            grace = timeouts.cancel_grace_s + timeouts.kill_grace_s + CANCEL_SLACK_S
             await self._until(lambda: not manager.runners, grace)
         if self.lifecycle.phase is not Phase.STOPPED:
             await self._until(manager.idle, ACK_WAIT_S)
