@@ -16,8 +16,10 @@ the settings model only as a parameter, so `agent.settings` imports it and not t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -66,7 +68,9 @@ def find_config_file(
     """Return the config file to read: *config_path*, ``$CYBERUN_AGENT_CONFIG``, *defaults*.
 
     An explicitly named file (``~`` expands to *home*) must exist, else `ConfigError`; the
-    first existing one of *defaults* is returned, or None when none exists.
+    first existing one of *defaults* is returned, or None when none exists. A default
+    location this user may not even look into (``/etc/cyberun-agent`` mode 0750 for a
+    non-root user running ``status``) is passed over, not a crash.
     """
     explicit = [(config_path, "flag --config")]
     if environ.get(CONFIG_ENV):
@@ -75,12 +79,17 @@ def find_config_file(
         if path is None:
             continue
         full = _expand_user(path, home)
-        if not full.is_file():
+        try:
+            found = full.is_file()
+        except PermissionError:
+            raise ConfigError("config file", source, f"{full}: permission denied") from None
+        if not found:
             raise ConfigError("config file", source, f"{full} does not exist or is not a file")
         return full
     for candidate in defaults:
-        if candidate.is_file():
-            return candidate
+        with contextlib.suppress(PermissionError):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -188,6 +197,12 @@ def _record_lines(node: yaml.Node, prefix: str, path: Path, sources: dict[str, s
         _record_lines(value_node, dotted, path, sources)
 
 
+_KUBERNETES_LINK = re.compile(
+    ENV_PREFIX + r"(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
+)
+"""What the kubelet injects for a Service named ``cyberun-agent`` (no setting has these names)."""
+
+
 def env_layer(environ: Mapping[str, str], model: type[BaseModel]) -> Layer:
     """Return the layer of every ``CYBERUN_AGENT_*`` variable except ``CYBERUN_AGENT_CONFIG``.
 
@@ -197,7 +212,7 @@ def env_layer(environ: Mapping[str, str], model: type[BaseModel]) -> Layer:
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or _KUBERNETES_LINK.match(name):
             continue
         parts = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__")]
         value = _parse_env_value(model, parts, environ[name], name)

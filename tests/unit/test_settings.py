@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -185,6 +186,64 @@ def test_unknown_env_var_is_an_error(tmp_path: Path) -> None:
     err = _config_error(tmp_path, env={"CYBERUN_AGENT_SLOT": "2"})
     assert (err.key, err.source) == ("slot", "env CYBERUN_AGENT_SLOT")
     assert err.rule.startswith("unknown key")
+
+
+def test_kubernetes_service_links_are_not_settings(tmp_path: Path) -> None:
+    """The kubelet's CYBERUN_AGENT_SERVICE_HOST/PORT_* for a Service are ignored, not errors."""
+    links = {
+        "CYBERUN_AGENT_SERVICE_HOST": "10.0.0.7",
+        "CYBERUN_AGENT_SERVICE_PORT": "9464",
+        "CYBERUN_AGENT_SERVICE_PORT_METRICS": "9464",
+        "CYBERUN_AGENT_PORT": "tcp://10.0.0.7:9464",
+        "CYBERUN_AGENT_PORT_9464_TCP": "tcp://10.0.0.7:9464",
+        "CYBERUN_AGENT_PORT_9464_TCP_PROTO": "tcp",
+        "CYBERUN_AGENT_PORT_9464_TCP_ADDR": "10.0.0.7",
+    }
+    loaded = _load(tmp_path, env=links)
+    assert not any(key.startswith(("service", "port")) for key in loaded.sources)
+    err = _config_error(tmp_path, env={"CYBERUN_AGENT_PORTS": "1"})
+    assert err.source == "env CYBERUN_AGENT_PORTS"
+
+
+_LOOKUP_AS_NOBODY = """
+import sys
+from pathlib import Path
+from agent import config_sources
+from agent.errors import ConfigError
+target = Path(sys.argv[1])
+print(config_sources.find_config_file(None, {}, home=target.parent, defaults=[target]))
+try:
+    config_sources.find_config_file(target, {}, home=target.parent, defaults=[])
+except ConfigError as exc:
+    print(exc)
+"""
+
+
+def test_an_unreadable_default_config_dir_is_passed_over(tmp_path: Path) -> None:
+    """A default config location one may not look into is skipped; a named one is an error."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "cyberun-agent.yaml").write_text("slots: 2\n", encoding="utf-8")
+    locked.chmod(0o700)  # its owner only: the lookup below runs as another user
+    tmp_path.chmod(0o755)
+    as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    argv = [*as_other] if os.geteuid() == 0 else []
+    if not argv:
+        locked.chmod(0o000)  # not root: the same user, locked out by the mode
+    done = subprocess.run(
+        [*argv, sys.executable, "-c", _LOOKUP_AS_NOBODY, str(locked / "cyberun-agent.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=Path(__file__).parents[2],
+        env={"PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    locked.chmod(0o700)
+    assert done.returncode == 0, done.stderr
+    default, named = done.stdout.splitlines()
+    assert default == "None"
+    assert "permission denied" in named
 
 
 def test_bad_env_value_names_the_variable_and_rule(tmp_path: Path) -> None:
