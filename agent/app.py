@@ -79,9 +79,7 @@ class Agent:
         settings.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = Journal(settings.state_dir / "journal.sqlite3")
         self.runtimes = load_runtimes(settings)
-        gpu = settings.gpu
-        policy = GpuPolicy(max_temperature_c=gpu.max_temperature_c, enabled=gpu.enabled)
-        self.gpus = GpuMonitor(policy)
+        self.gpus = GpuMonitor(GpuPolicy.of(settings.gpu))
         self.gpu_state = GpuState()
         self.healthy: frozenset[str] | None = None
         """Runtimes that passed their last health check (``None``: not checked yet)."""

@@ -427,10 +427,7 @@ def _hardware(args: argparse.Namespace) -> int:
     logs.configure("error", "console")
     hardware = importlib.import_module("agent.hardware")
     health = importlib.import_module("agent.health")
-    gpu = settings.gpu
-    monitor = health.GpuMonitor(
-        health.GpuPolicy(max_temperature_c=gpu.max_temperature_c, enabled=gpu.enabled)
-    )
+    monitor = health.GpuMonitor(health.GpuPolicy.of(settings.gpu))
     try:
         state = monitor.start()
     finally:

@@ -102,6 +102,8 @@ _TEMPLATE = """\
 #   enabled: true
 ##  A GPU at or above this temperature (degrees C) gets no new work until it cools down.
 #   max_temperature_c: 90.0
+##  Only these GPUs (NVML index or UUID), e.g. [1] for one agent per GPU; [] = every GPU.
+#   devices: []
 
 ## The local endpoint: /healthz, /readyz (probes), /metrics (Prometheus), /status.
 # observe:

@@ -256,9 +256,7 @@ def check_clock(skew_s: float) -> Check:
 
 def check_gpus(settings: Settings) -> list[Check]:
     """NVML, the driver, and every GPU's health."""
-    policy = GpuPolicy(
-        max_temperature_c=settings.gpu.max_temperature_c, enabled=settings.gpu.enabled
-    )
+    policy = GpuPolicy.of(settings.gpu)
     monitor = GpuMonitor(policy)
     try:
         state = monitor.start()

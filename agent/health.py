@@ -16,6 +16,7 @@ agent (no ``gpu`` label), which is not a health problem.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import structlog
 
 from agent.nvml import Gpu, GpuReading, Inventory, Nvml, open_nvml
 from agent.protocol.messages import GpuInfo, GpuSnapshot
+from agent.settings import GpuSettings
 
 log = structlog.get_logger("agent.health")
 GIB = 1024**3
@@ -35,6 +37,21 @@ class GpuPolicy:
     max_temperature_c: float = 90.0
     enabled: bool = True
     """False: never touch NVML (a CPU-only agent even on a GPU machine)."""
+    devices: tuple[str, ...] = ()
+    """Only these GPUs (NVML index or UUID); empty: all."""
+
+    @classmethod
+    def of(cls, settings: GpuSettings) -> GpuPolicy:
+        """The policy the ``gpu`` settings describe."""
+        return cls(
+            max_temperature_c=settings.max_temperature_c,
+            enabled=settings.enabled,
+            devices=settings.devices,
+        )
+
+    def owns(self, gpu: Gpu) -> bool:
+        """Whether ``gpu`` is one of this agent's."""
+        return not self.devices or str(gpu.index) in self.devices or gpu.uuid in self.devices
 
 
 def assess(gpu: Gpu, reading: GpuReading | None, policy: GpuPolicy) -> str | None:
@@ -168,8 +185,12 @@ class GpuMonitor:
         if self._nvml is None:
             log.info("no usable NVIDIA GPU; running CPU-only", reason=self._why)
             return GpuState(nvml=self._why)
-        self._inventory = self._nvml.inventory()
+        found = self._nvml.inventory()
+        owned = tuple(g for g in found.gpus if self.policy.owns(g))
+        self._inventory = dataclasses.replace(found, gpus=owned)
         inventory = self._inventory
+        if len(owned) < len(found.gpus):
+            log.info("GPUs limited by gpu.devices", devices=list(self.policy.devices))
         log.info(
             "GPU inventory",
             driver_version=inventory.driver_version,
@@ -186,7 +207,8 @@ class GpuMonitor:
         if not self._busy.acquire(blocking=False):
             return self.not_answering()
         try:
-            readings = nvml.read()
+            owned = {g.index for g in self._inventory.gpus}
+            readings = tuple(r for r in nvml.read() if r.index in owned)
         finally:
             self._busy.release()
         problems = {}

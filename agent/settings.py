@@ -502,6 +502,8 @@ class GpuSettings(BaseModel):
     """False: never open NVML; the agent advertises no GPU (CPU-only)."""
     max_temperature_c: float = Field(default=90.0, gt=0, le=150)
     """A GPU at or above this temperature is not offered work until it cools down."""
+    devices: Annotated[tuple[str, ...], BeforeValidator(split_commas)] = ()
+    """The GPUs this agent owns, by NVML index or UUID; empty: every GPU of the machine."""
 
 
 class RuntimeSettings(BaseModel):

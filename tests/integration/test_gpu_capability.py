@@ -169,6 +169,17 @@ def test_gpu_disabled_by_configuration_never_reads_nvml(
     assert report["labels"] == []
 
 
+def test_gpu_devices_limits_the_agent_to_its_own_gpus(fake_nvml_lib: Path, tmp_path: Path) -> None:
+    """gpu.devices by index or UUID: only those GPUs are advertised, read and labelled."""
+    env = scenario_env(fake_nvml_lib, tmp_path, [RTX, H100])
+    by_index = hardware({**env, "CYBERUN_AGENT_GPU__DEVICES": "1"}, tmp_path)
+    assert [g["name"] for g in by_index["capability"]["gpus"]] == [H100.name]
+    assert [g["index"] for g in by_index["gpus"]] == [1]
+    assert by_index["labels"] == ["gpu", "h100", "vram-80gb"]
+    by_uuid = hardware({**env, "CYBERUN_AGENT_GPU__DEVICES": RTX.uuid}, tmp_path)
+    assert [g["uuid"] for g in by_uuid["capability"]["gpus"]] == [RTX.uuid]
+
+
 def test_unhealthy_gpus_are_left_out_with_their_reasons(
     fake_nvml_lib: Path, tmp_path: Path
 ) -> None:
