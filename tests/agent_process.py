@@ -105,6 +105,21 @@ def _pump(stream: Any, lines: queue.Queue[dict[str, Any]]) -> None:
         lines.put(record if isinstance(record, dict) else {"event": "raw", "text": line})
 
 
+def agent_cli(
+    *args: str, env: dict[str, str], timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run a one-shot ``python -m agent ARGS`` (doctor, status…) from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+
+
 def start_agent(
     home: Path,
     gateway_url: str,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.doctor import check_clock
-from tests.agent_process import ROOT
+from tests.agent_process import ROOT, agent_cli
 from tests.comfyui import ComfyUIServer
 from tests.gateway_process import GatewayProcess, gateway, run_cli
 from tests.nerfstudio import NerfstudioInstall
@@ -55,15 +55,7 @@ def agent_env(home: Path, gateway_url: str, **extra: str) -> dict[str, str]:
 
 def doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
     """Run ``cyberun-agent doctor --json``: exit code, the report by check name, stderr."""
-    done = subprocess.run(
-        [sys.executable, "-m", "agent", "doctor", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-        cwd=ROOT,
-        env=env,
-    )
+    done = agent_cli("doctor", "--json", *args, env=env, timeout=90)
     report = json.loads(done.stdout)
     by_name = {c["name"]: c for c in report["checks"]}
     assert report["ok"] == (done.returncode == 0)
@@ -212,15 +204,7 @@ def test_doctor_reports_a_bad_config_and_a_loose_credential_file(tmp_path: Path)
 def test_doctor_table_shows_each_fix_and_the_verdict(tmp_path: Path) -> None:
     """The human report lists each check, a fix line under what is wrong, and FAILED."""
     env = agent_env(tmp_path / "home", "http://127.0.0.1:9")
-    done = subprocess.run(
-        [sys.executable, "-m", "agent", "doctor"],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-        cwd=ROOT,
-        env=env,
-    )
+    done = agent_cli("doctor", env=env, timeout=90)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     credential = next(i for i, line in enumerate(lines) if line.startswith("credential"))
@@ -328,14 +312,6 @@ def test_login_needs_a_reachable_gateway(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    done = subprocess.run(
-        [sys.executable, "-m", "agent", "login"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        env=agent_env(tmp_path / "home", url),
-    )
+    done = agent_cli("login", env=agent_env(tmp_path / "home", url), timeout=60)
     assert done.returncode == 1
     assert "cannot reach the gateway" in done.stderr

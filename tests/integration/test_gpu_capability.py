@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.agent_process import ROOT, AgentProcess, script_workflow, start_agent
+from tests.agent_process import ROOT, AgentProcess, agent_cli, script_workflow, start_agent
 from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
 from tests.nvml_fake import FakeGpu, nvml_env, write_scenario
 
@@ -52,22 +50,14 @@ H100 = FakeGpu(
 
 def hardware(env: dict[str, str], home: Path, *args: str) -> dict[str, Any]:
     """Run ``cyberun-agent hardware --json`` in a fresh process and return its report."""
-    done = subprocess.run(
-        [sys.executable, "-m", "agent", "hardware", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        env={
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": str(home),
-            "PYTHONPATH": str(ROOT),
-            "CYBERUN_AGENT_STATE_DIR": str(home / "state"),
-            "CYBERUN_AGENT_CACHE_DIR": str(home / "cache"),
-            **env,
-        },
-    )
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        "CYBERUN_AGENT_STATE_DIR": str(home / "state"),
+        "CYBERUN_AGENT_CACHE_DIR": str(home / "cache"),
+    }
+    done = agent_cli("hardware", "--json", *args, env={**base, **env}, timeout=60)
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return report
@@ -176,7 +166,7 @@ def test_gpu_devices_limits_the_agent_to_its_own_gpus(fake_nvml_lib: Path, tmp_p
     assert [g["name"] for g in by_index["capability"]["gpus"]] == [H100.name]
     assert [g["index"] for g in by_index["gpus"]] == [1]
     assert by_index["labels"] == ["gpu", "h100", "vram-80gb"]
-    by_uuid = hardware({**env, "CYBERUN_AGENT_GPU__DEVICES": RTX.uuid}, tmp_path)
+    by_uuid = hardware({**env, "CYBERUN_AGENT_GPU__DEVICES": str(RTX.uuid)}, tmp_path)
     assert [g["uuid"] for g in by_uuid["capability"]["gpus"]] == [RTX.uuid]
 
 

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 
 from agent.metrics import Metrics
 from agent.observe import ObserveServer
-from tests.agent_process import ROOT, AgentProcess, script_workflow, start_agent
+from tests.agent_process import ROOT, AgentProcess, agent_cli, script_workflow, start_agent
 from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
 from tests.nvml_fake import FakeGpu, nvml_env, write_scenario
 
@@ -170,39 +168,15 @@ def test_status_command_prints_the_running_agent(
         "PYTHONPATH": str(ROOT),
         "CYBERUN_AGENT_OBSERVE__LISTEN": url.removeprefix("http://"),
     }
-    table = subprocess.run(
-        [sys.executable, "-m", "agent", "status"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
-        cwd=ROOT,
-    )
+    table = agent_cli("status", env=env, timeout=30)
     assert table.returncode == 0, table.stderr
     assert "observed-1" in table.stdout
     assert "team 0/1 busy" in table.stdout
     assert "gpu 0" in table.stdout
-    raw = subprocess.run(
-        [sys.executable, "-m", "agent", "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
-        cwd=ROOT,
-    )
+    raw = agent_cli("status", "--json", env=env, timeout=30)
     assert json.loads(raw.stdout)["agent_status"] == "idle"
     env["CYBERUN_AGENT_OBSERVE__LISTEN"] = f"127.0.0.1:{free_port()}"
-    nobody = subprocess.run(
-        [sys.executable, "-m", "agent", "status"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
-        cwd=ROOT,
-    )
+    nobody = agent_cli("status", env=env, timeout=30)
     assert nobody.returncode == 1
     assert "no agent answers" in nobody.stderr
 
@@ -216,15 +190,7 @@ def test_a_token_guards_metrics_and_status_beyond_loopback(tmp_path: Path) -> No
         "PYTHONPATH": str(ROOT),
         "CYBERUN_AGENT_OBSERVE__LISTEN": "0.0.0.0:9464",
     }
-    refused = subprocess.run(
-        [sys.executable, "-m", "agent", "config", "validate"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=base,
-        cwd=ROOT,
-    )
+    refused = agent_cli("config", "validate", env=base, timeout=30)
     assert refused.returncode == 3
     assert "observe" in refused.stderr
     assert "token_file" in refused.stderr
