@@ -13,6 +13,7 @@ from agent.protocol.messages import (
     CloseCode,
     Envelope,
     Error,
+    SyncModel,
     TaskAssign,
     TaskRef,
     TaskUploadUrls,
@@ -99,6 +100,13 @@ class DrainRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncModels:
+    """The team's model set (from ``welcome.sync`` or a ``sync``): bring the cache in line."""
+
+    models: tuple[SyncModel, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PeerError:
     """The gateway reported a protocol error about one of our messages: log it."""
 
@@ -116,5 +124,6 @@ Action = (
     | Forget
     | Deliver
     | DrainRequested
+    | SyncModels
     | PeerError
 )

@@ -512,6 +512,13 @@ class Drain(Envelope):
     reason: ShortText = ""
 
 
+class Sync(Envelope):
+    """The team's active model set changed: ``models`` replaces the previous set whole."""
+
+    type: Literal["sync"] = "sync"
+    models: list[SyncModel] = Field(default_factory=list, max_length=100_000)
+
+
 # ------------------------------------------------------------------ either direction
 
 
@@ -540,7 +547,7 @@ AgentMessage = Annotated[
 """Everything an agent sends."""
 
 GatewayMessage = Annotated[
-    Welcome | TaskAssign | TaskCancel | TaskUploadUrls | Ack | Drain | Error,
+    Welcome | TaskAssign | TaskCancel | TaskUploadUrls | Ack | Drain | Sync | Error,
     Field(discriminator="type"),
 ]
 """Everything a gateway sends."""
@@ -568,5 +575,6 @@ GATEWAY_MESSAGE_TYPES: tuple[type[Envelope], ...] = (
     TaskUploadUrls,
     Ack,
     Drain,
+    Sync,
     Error,
 )

@@ -42,6 +42,7 @@ from agent.protocol.actions import (
     PeerError,
     Send,
     StartTask,
+    SyncModels,
 )
 from agent.protocol.codec import DecodeError, decode_gateway
 from agent.protocol.ids import RandomBytes, uuid7
@@ -67,6 +68,7 @@ from agent.protocol.messages import (
     ResourceSnapshot,
     ResumeAction,
     Status,
+    Sync,
     SyncProgress,
     SystemStats,
     TaskAccept,
@@ -332,11 +334,18 @@ class Session:
                 return self._on_cancel(message, now)
             case Ack():
                 return self._on_ack(message, now)
+            case Drain():
+                return self._on_drain(message, now)
+        return self._passed_on(message)
+
+    def _passed_on(self, message: GatewayMessage) -> list[Action]:
+        """Messages the session only hands over: upload URLs (for a task held), model sets."""
+        match message:
             case TaskUploadUrls():
                 known = (message.task_id, message.attempt) in self._tasks
                 return [Deliver(message)] if known else []
-            case Drain():
-                return self._on_drain(message, now)
+            case Sync():
+                return [SyncModels(tuple(message.models))]
         return []  # Error and Welcome are handled before dispatch
 
     def _on_welcome(self, welcome: Welcome, now: float) -> list[Action]:
@@ -349,6 +358,8 @@ class Session:
         self._heartbeat_s = welcome.heartbeat_interval_s
         self._timers.handshake = None
         actions: list[Action] = [Established(welcome)]
+        if welcome.sync is not None:
+            actions.append(SyncModels(tuple(welcome.sync)))
         actions += self._apply_resume(welcome)
         for task in self._tasks.values():
             if task.terminal is not None:

@@ -38,6 +38,7 @@ from agent.protocol.actions import (
     PeerError,
     Send,
     StartTask,
+    SyncModels,
 )
 from agent.protocol.messages import (
     CloseCode,
@@ -46,6 +47,7 @@ from agent.protocol.messages import (
     LogLine,
     OutputFile,
     RejectReason,
+    SyncModel,
     TaskAssign,
     TaskPhase,
     TaskRef,
@@ -88,6 +90,8 @@ class TaskManager:
     vram_refusal: Callable[[float], str | None] = lambda _need_gb: None
     """Why a task needing this many GiB of free VRAM cannot run here (``None``: it can)."""
     metrics: Metrics = field(default_factory=Metrics)
+    on_sync: Callable[[list[SyncModel]], None] = lambda _models: None
+    """Called with the team's model set (welcome.sync, then each sync message)."""
     runners: dict[tuple[str, int], TaskRunner] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _pending_start: list[TaskRunner] = field(default_factory=list)
@@ -192,6 +196,8 @@ class TaskManager:
             case DrainRequested():
                 if self.on_drain is not None:
                     self.on_drain(action.reason)
+            case SyncModels():
+                self.on_sync(list(action.models))
             case PeerError():
                 self._peer_error(action)
 
