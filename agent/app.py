@@ -34,6 +34,7 @@ from agent.protocol.messages import (
     AgentStatus,
     GpuInfo,
     Pool,
+    SyncProgress,
     SystemStats,
     Tool,
     ToolInfo,
@@ -42,6 +43,7 @@ from agent.protocol.session import Advert, Session, SessionConfig
 from agent.runtimes.base import Runtime
 from agent.runtimes.registry import load_runtimes
 from agent.settings import Settings, resolve_agent_id
+from agent.sync import ModelCache, Syncer
 from agent.systemd import Notifier, WatchdogGate, feed_watchdog
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
@@ -86,6 +88,8 @@ class Agent:
         self.metrics = Metrics()
         self.metrics.identify(__version__, self.agent_id)
         self.connection: Connection | None = None
+        self.syncer: Syncer | None = None
+        self.sync_progress: SyncProgress | None = None
         self.session = Session(
             self._session_config(),
             wall_offset=time.time() - time.monotonic(),
@@ -144,6 +148,7 @@ class Agent:
             region=settings.region,
             capability=hardware.capability(settings.work_dir, settings.cache_dir, gpus),
             system_stats=stats,
+            models=self.syncer.held() if self.syncer is not None else (),
         )
 
     def _gpus(self, comfyui: Runtime | None) -> list[GpuInfo]:
@@ -173,6 +178,8 @@ class Agent:
         if self.gpu_state.all_unusable:
             reasons.append("no usable GPU: " + "; ".join(self.gpu_state.problems.values()))
         status = AgentStatus.UNHEALTHY if reasons else None
+        if status is None and self.sync_progress is not None:
+            status, reasons = AgentStatus.SYNCING, ["pulling the team's models"]
         self.manager.perform(self.session.set_status(status, now, "; ".join(reasons)[:256]))
 
     async def main(self) -> int:
@@ -184,6 +191,19 @@ class Agent:
                 self.settings, self.session, self.journal, self.runtimes, http, metrics=self.metrics
             )
             self.manager.on_drain = self._gateway_drain
+            settings = self.settings
+            self.syncer = Syncer(
+                ModelCache(
+                    settings.cache_dir / "models", budget_bytes=settings.models.budget_bytes
+                ),
+                settings.models_dir(),
+                http,
+                parallel=settings.models.parallel,
+                on_progress=self._synced,
+                in_use=self._models_in_use,
+            )
+            self.manager.on_sync = self.syncer.offer
+            self.manager.missing_models = self.syncer.missing
             # late-bound: gpu_state is replaced by every sample
             self.manager.vram_refusal = lambda need_gb: self.gpu_state.vram_refusal(need_gb)  # noqa: PLW0108
             self.manager.recover()
@@ -230,6 +250,7 @@ class Agent:
                 group.create_task(self._sample_resources(), name="resources"),
                 group.create_task(self._watch_runtimes(), name="runtime health"),
                 group.create_task(self._observe(), name="observe endpoint"),
+                group.create_task(self._sync_models(), name="model sync"),
             ]
             stopper = group.create_task(self._stop_when_told(), name="lifecycle")
             await asyncio.wait({parts[0], stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -248,7 +269,8 @@ class Agent:
             self.gpu_state = state
             self._publish()  # refreshes free VRAM for the next hello; status only on change
             snapshots = state.snapshots()
-            self.session.set_resources(hardware.resources(self.settings.work_dir, snapshots), None)
+            resources = hardware.resources(self.settings.work_dir, snapshots)
+            self.session.set_resources(resources, self.sync_progress)
             self.metrics.gpus(snapshots)
             self._count_slots()
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
@@ -349,6 +371,32 @@ class Agent:
         self.manager.disconnected()
         self.gate.disconnected(time.monotonic())
         self.notifier.status("disconnected from the gateway; reconnecting")
+
+    # ------------------------------------------------------------------ models
+
+    async def _sync_models(self) -> None:
+        if self.syncer is not None:
+            await self.syncer.run()
+
+    def _synced(self, progress: SyncProgress | None) -> None:
+        """Model sync progress: ``syncing`` while models are pulled, back to normal after."""
+        was = self.sync_progress
+        self.sync_progress = progress
+        self.session.set_resources(self.session.resources, progress)
+        if (was is None) != (progress is None):
+            self._publish()
+
+    def _models_in_use(self) -> set[str]:
+        """Content hashes that running tasks need (never evicted)."""
+        if self.syncer is None:
+            return set()
+        specs = self.syncer.specs
+        return {
+            specs[name].sha256
+            for runner in self.manager.runners.values()
+            for name in runner.assign.required_models
+            if name in specs
+        }
 
     # ------------------------------------------------------------------ observability
 

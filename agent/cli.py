@@ -166,6 +166,30 @@ def _add_setup_commands(
     )
     status.add_argument("--json", action="store_true", help="print the JSON it answers")
     status.set_defaults(handler=_status)
+    models = commands.add_parser(
+        "models", allow_abbrev=False, help="the local model cache", description="Model cache."
+    )
+    models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    listing = models_sub.add_parser(
+        "list",
+        allow_abbrev=False,
+        parents=[common],
+        help="cached models: hash, size, last use, where each is placed",
+        description="List the models in <cache_dir>/models.",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_models_list)
+    prune = models_sub.add_parser(
+        "prune",
+        allow_abbrev=False,
+        parents=[common],
+        help="evict least recently used models down to a size (and their placed links)",
+        description="Evict cached models, least recently used first, until the cache holds at "
+        "most --budget bytes (default models.budget_bytes). Stop the agent first: it keeps "
+        "the team's set and the models running tasks use; this command does not know them.",
+    )
+    prune.add_argument("--budget", type=int, help="bytes to keep (default models.budget_bytes)")
+    prune.set_defaults(handler=_models_prune)
 
 
 def _add_config_commands(
@@ -521,6 +545,46 @@ def _gpu_line(gpu: dict[str, Any]) -> str:
     if gpu.get("problem"):
         parts.append(f"NOT OFFERED: {gpu['problem']}")
     return ", ".join(parts) or "no readings"
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    settings = _load(args).settings
+    cache = importlib.import_module("agent.sync").ModelCache(settings.cache_dir / "models")
+    rows = [
+        {
+            "sha256": m.sha256,
+            "size": m.size,
+            "last_used": m.last_used,
+            "placed": [str(p) for p in cache.placements(m.sha256) if p.exists()],
+        }
+        for m in reversed(cache.models())
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    total = sum(r["size"] for r in rows)
+    print(f"{len(rows)} model(s), {total / 2**30:.2f} GiB in {cache.root}")
+    for row in rows:
+        places = ", ".join(row["placed"]) or "(not placed)"
+        print(f"{row['sha256'][:12]}  {row['size'] / 2**20:10.1f} MiB  {places}")
+    return ExitCode.OK
+
+
+def _models_prune(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    settings = loaded.settings
+    budget = args.budget if args.budget is not None else settings.models.budget_bytes
+    if budget is None:
+        raise ConfigError(
+            "models.budget_bytes",
+            loaded.source_of("models.budget_bytes"),
+            "is unset: pass --budget",
+        )
+    sync = importlib.import_module("agent.sync")
+    cache = sync.ModelCache(settings.cache_dir / "models", budget_bytes=max(0, budget))
+    removed = cache.evict(keep=())
+    print(f"evicted {len(removed)} model(s); {sum(m.size for m in cache.models())} bytes left")
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:

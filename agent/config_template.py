@@ -105,6 +105,16 @@ _TEMPLATE = """\
 ##  Only these GPUs (NVML index or UUID), e.g. [1] for one agent per GPU; [] = every GPU.
 #   devices: []
 
+## The team's models (pulled from the gateway's sync set into <cache_dir>/models).
+# models:
+##  The runtime's models folder; null = the launched ComfyUI's <base_directory>/models,
+##  else <cache_dir>/comfyui-models (point an attached ComfyUI's extra_model_paths there).
+#   dir: null
+##  Most bytes of cached models (least recently used outside the set are evicted); null = no limit.
+#   budget_bytes: null
+##  Downloads at once (1-16).
+#   parallel: 2
+
 ## The local endpoint: /healthz, /readyz (probes), /metrics (Prometheus), /status.
 # observe:
 ##  HOST:PORT to listen on; "" turns it off. Beyond loopback it needs token_file.

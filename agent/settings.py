@@ -493,6 +493,21 @@ class ObserveSettings(BaseModel):
         return value
 
 
+class ModelSettings(BaseModel):
+    """The team's models: where they are placed, and how much cache they may use."""
+
+    model_config = _FROZEN
+
+    dir: ExpandedPath | None = None
+    """The runtime's models folder (``models/<type>/<path>`` go there); default: the launched
+    ComfyUI's ``<base_directory>/models``, else ``<cache_dir>/comfyui-models``."""
+    budget_bytes: int | None = Field(default=None, ge=0)
+    """Most bytes of cached models; beyond it the least recently used ones outside the
+    team's set are evicted. None: no limit."""
+    parallel: int = Field(default=2, ge=1, le=16)
+    """Downloads at once."""
+
+
 class GpuSettings(BaseModel):
     """GPU discovery (NVML) and the health limits beyond which a GPU gets no work."""
 
@@ -548,6 +563,7 @@ class Settings(BaseModel):
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     state_dir: ExpandedPath = Field(default_factory=_default_state_dir)
     work_dir: ExpandedPath = Field(default_factory=_default_work_dir)
     cache_dir: ExpandedPath = Field(default_factory=_default_cache_dir)
@@ -653,6 +669,15 @@ class Settings(BaseModel):
                 return path, f"systemd credential {path}"
         stored = self.state_dir / LOGIN_CREDENTIAL_FILE
         return (stored, f"login credential {stored}") if stored.is_file() else None
+
+    def models_dir(self) -> Path:
+        """Where the team's models are placed (see ``models.dir``)."""
+        if self.models.dir is not None:
+            return self.models.dir
+        launch = self.runtimes.comfyui.launch
+        if launch is not None and launch.base_directory is not None:
+            return launch.base_directory / "models"
+        return self.cache_dir / "comfyui-models"
 
     @property
     def login_credential_file(self) -> Path:

@@ -4,6 +4,7 @@ Layout under ``root`` (``<cache_dir>/models``)::
 
     blobs/<sha256>          complete files, verified against their hash; mtime = last use
     partial/<sha256>.part   a download in progress (kept across restarts and resumed)
+    links/<sha256>          where the blob was placed (one path a line), removed with it
 
 - :meth:`ModelCache.fetch` streams a model's presigned URL into its ``.part`` file, resuming
   with ``Range: bytes=<have>-`` after an interruption or a restart (a server that ignores the
@@ -18,8 +19,9 @@ Layout under ``root`` (``<cache_dir>/models``)::
   the sync set or in use by a running task.
 
 Every ``model_path`` passes :func:`check_model_path` (the documented rule: relative, no
-``..``, no backslash) before anything touches the disk. The gateway side (registration, the
-sync set in ``welcome``) and the wiring into the daemon (status ``syncing``) are still to come.
+``..``, no backslash) before anything touches the disk.
+:class:`Syncer` runs the team's set (``welcome.sync``, then each ``sync`` message) through
+all of this for the daemon, reporting progress for the ``syncing`` status.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import structlog
 
 from agent.errors import AgentError
-from agent.protocol.messages import SyncModel
+from agent.protocol.messages import SyncModel, SyncProgress
 
+log = structlog.get_logger("agent.sync")
 CHUNK = 1024 * 1024
 ATTEMPTS = 3
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -118,7 +122,8 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self.blobs = root / "blobs"
         self.partial = root / "partial"
-        for directory in (self.blobs, self.partial):
+        self.links = root / "links"
+        for directory in (self.blobs, self.partial, self.links):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def blob(self, sha256: str) -> Path:
@@ -230,7 +235,35 @@ class ModelCache:
             temp.symlink_to(blob)
         temp.replace(target)
         self.touch(spec.sha256)
+        known = set(self.placements(spec.sha256))
+        if target not in known:
+            with (self.links / spec.sha256).open("a", encoding="utf-8") as out:
+                out.write(f"{target}\n")
         return target
+
+    def placements(self, sha256: str) -> list[Path]:
+        """Where the blob was placed (paths that may since have been replaced by others)."""
+        try:
+            text = (self.links / sha256).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [Path(line) for line in text.splitlines() if line]
+
+    def remove(self, sha256: str) -> None:
+        """Delete a blob and every placement that still is it (so the disk space comes back)."""
+        blob = self.blob(sha256)
+        try:
+            inode = blob.stat().st_ino
+        except FileNotFoundError:
+            inode = None
+        for path in self.placements(sha256):
+            with contextlib.suppress(OSError):
+                if (path.is_symlink() and path.resolve() == blob.resolve()) or (
+                    inode is not None and path.stat().st_ino == inode
+                ):
+                    path.unlink()
+        (self.links / sha256).unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
 
     def evict(self, keep: Iterable[str], in_use: Iterable[str] = ()) -> list[str]:
         """Remove LRU blobs outside ``keep`` and ``in_use`` until within the budget."""
@@ -245,8 +278,7 @@ class ModelCache:
                 break
             if model.sha256 in spared:
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                self.blob(model.sha256).unlink()
+            self.remove(model.sha256)
             total -= model.size
             removed.append(model.sha256)
         return removed
@@ -277,3 +309,126 @@ def _verify(path: Path, spec: ModelSpec) -> bool:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest() == spec.sha256
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one pass over the team's set did."""
+
+    fetched: list[str]
+    placed: list[Path]
+    evicted: list[str]
+    refused: list[str]
+    """Entries of the set skipped: hostile path, bad type, or a failed download (why)."""
+
+
+class Syncer:
+    """Brings the cache and the models folder in line with the team's set, one set at a time.
+
+    :meth:`offer` hands over a new set (the latest wins); :meth:`run` works through it:
+    validate each entry, fetch what is missing (``parallel`` at once, progress reported
+    through ``on_progress``; ``None`` when done), place every model, evict outside the set.
+    """
+
+    def __init__(
+        self,
+        cache: ModelCache,
+        models_dir: Path,
+        http: httpx.AsyncClient,
+        *,
+        parallel: int = 2,
+        on_progress: Callable[[SyncProgress | None], None] = lambda _progress: None,
+        in_use: Callable[[], set[str]] = set,
+    ) -> None:
+        """Nothing runs until :meth:`run`."""
+        self.cache = cache
+        self.models_dir = models_dir
+        self.http = http
+        self.parallel = parallel
+        self.on_progress = on_progress
+        self.in_use = in_use
+        self.specs: dict[str, ModelSpec] = {}
+        """The current set, by ``<model_type>/<model_path>`` (how workflows name them)."""
+        self._offered: list[SyncModel] | None = None
+        self._changed = asyncio.Event()
+
+    def offer(self, models: list[SyncModel]) -> None:
+        """A new set from the gateway (replaces any set not yet worked on)."""
+        self._offered = models
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Work through each offered set until cancelled."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            report = await self.sync(self._offered or [])
+            log.info(
+                "models synced",
+                fetched=len(report.fetched),
+                placed=len(report.placed),
+                evicted=len(report.evicted),
+                refused=report.refused,
+            )
+
+    async def sync(self, models: list[SyncModel]) -> SyncReport:
+        """One pass over ``models`` (see the class docstring)."""
+        specs, refused = [], []
+        for model in models:
+            try:
+                specs.append(ModelSpec.of(model))
+            except ValueError as exc:
+                refused.append(f"{model.model_type}/{model.model_path}: {exc}"[:300])
+        missing = [s for s in specs if not self.cache.has(s.sha256)]
+        fetched = await self._fetch_all(missing, refused)
+        present = [spec for spec in specs if self.cache.has(spec.sha256)]
+        placed = [await asyncio.to_thread(self.cache.place, s, self.models_dir) for s in present]
+        self.specs = {f"{s.model_type}/{s.model_path}": s for s in specs}
+        keep = {s.sha256 for s in specs}
+        evicted = await asyncio.to_thread(self.cache.evict, keep, self.in_use())
+        self.on_progress(None)
+        return SyncReport(fetched, placed, evicted, refused)
+
+    async def _fetch_all(self, missing: list[ModelSpec], refused: list[str]) -> list[str]:
+        total = sum(s.file_size for s in missing) or 1
+        done: dict[str, int] = {}
+        gate = asyncio.Semaphore(self.parallel)
+        fetched: list[str] = []
+
+        async def one(spec: ModelSpec) -> None:
+            def progress(have: int, _size: int) -> None:
+                done[spec.sha256] = have
+                self.on_progress(
+                    SyncProgress(
+                        sync_phase="downloading",
+                        sync_detail=f"{spec.model_type}/{spec.model_path}"[:256],
+                        sync_percent=min(100.0, 100.0 * sum(done.values()) / total),
+                    )
+                )
+
+            async with gate:
+                try:
+                    await self.cache.fetch(self.http, spec, progress)
+                except SyncError as exc:
+                    refused.append(str(exc)[:300])
+                    return
+                fetched.append(spec.sha256)
+
+        if missing:
+            self.on_progress(SyncProgress(sync_phase="downloading", sync_percent=0.0))
+            async with asyncio.TaskGroup() as group:
+                for spec in missing:
+                    group.create_task(one(spec))
+        return fetched
+
+    def missing(self, required: Iterable[str]) -> list[str]:
+        """Which of a task's ``required_models`` (``type/path``) are not ready here."""
+        return [
+            name
+            for name in required
+            if name not in self.specs or not self.cache.has(self.specs[name].sha256)
+        ]
+
+    def held(self) -> tuple[str, ...]:
+        """The content hashes this agent holds (``hello.models``)."""
+        return tuple(m.sha256 for m in self.cache.models())

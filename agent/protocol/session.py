@@ -631,6 +631,11 @@ class Session:
         self._advert = advert
         return self._status_if_changed(now)
 
+    @property
+    def resources(self) -> ResourceSnapshot | None:
+        """The readings the next heartbeat carries."""
+        return self._health.resources
+
     def set_resources(self, resources: ResourceSnapshot | None, sync: SyncProgress | None) -> None:
         """Readings for the next heartbeat (they do not trigger a ``status`` by themselves)."""
         self._health.resources = resources

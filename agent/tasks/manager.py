@@ -92,6 +92,8 @@ class TaskManager:
     metrics: Metrics = field(default_factory=Metrics)
     on_sync: Callable[[list[SyncModel]], None] = lambda _models: None
     """Called with the team's model set (welcome.sync, then each sync message)."""
+    missing_models: Callable[[list[str]], list[str]] = lambda _required: []
+    """Which of a task's ``required_models`` are not ready on this agent."""
     runners: dict[tuple[str, int], TaskRunner] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _pending_start: list[TaskRunner] = field(default_factory=list)
@@ -218,6 +220,12 @@ class TaskManager:
             self.perform(
                 self.session.decide(ref, now, reject=RejectReason.UNSUPPORTED_TOOL, message=message)
             )
+            return
+        if missing := self.missing_models(assign.required_models):
+            message = f"models not on this agent yet: {', '.join(missing)}"[:1000]
+            log.info("task refused", task_id=ref.task_id, reason=message)
+            reason = RejectReason.MISSING_MODEL
+            self.perform(self.session.decide(ref, now, reject=reason, message=message))
             return
         if (refusal := self.vram_refusal(assign.min_vram_gb)) is not None:
             log.info("task refused", task_id=ref.task_id, reason=refusal)

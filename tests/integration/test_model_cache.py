@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -16,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.protocol.messages import SyncModel
-from agent.sync import ModelCache, ModelSpec, SyncError, check_model_path
+from agent.protocol.messages import SyncModel, SyncProgress
+from agent.sync import ModelCache, ModelSpec, Syncer, SyncError, check_model_path
 from gateway.storage import S3Storage
+from tests.agent_process import ROOT, agent_cli
 from tests.seaweedfs import SeaweedFS
 
 MIB = 1024 * 1024
@@ -176,3 +178,91 @@ def test_eviction_keeps_the_budget_the_sync_set_and_models_in_use(tmp_path: Path
     assert sorted(m.sha256 for m in cache.models()) == sorted([*digests[:2], digests[4]])
     assert sum(m.size for m in cache.models()) <= 3 * MIB
     assert cache.evict(keep=digests, in_use=()) == []  # over budget, but all wanted: kept
+
+
+def test_eviction_also_removes_the_placed_links(tmp_path: Path) -> None:
+    """An evicted model leaves the models folder too, or its disk space would never return."""
+    cache = ModelCache(tmp_path / "cache", budget_bytes=0)
+    data = os.urandom(MIB)
+    digest = hashlib.sha256(data).hexdigest()
+    cache.blob(digest).write_bytes(data)
+    spec = ModelSpec("checkpoints", "old.safetensors", len(data), digest, "http://unused")
+    placed = cache.place(spec, tmp_path / "models")
+    other = tmp_path / "models" / "checkpoints" / "mine.safetensors"
+    other.write_bytes(b"the owner's own file")
+    assert cache.evict(keep=()) == [digest]
+    assert not placed.exists()
+    assert other.read_bytes() == b"the owner's own file"
+    assert cache.models() == []
+
+
+def sync_model(spec: ModelSpec) -> SyncModel:
+    """The protocol form of a spec (as welcome.sync carries it)."""
+    return SyncModel(
+        model_type=spec.model_type,
+        model_path=spec.model_path,
+        file_size=spec.file_size,
+        file_hash=f"sha256:{spec.sha256}",
+        download_url=spec.download_url,
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_syncer_pulls_a_set_places_it_and_skips_hostile_entries(
+    tmp_path: Path, s3: S3Storage
+) -> None:
+    """A set of two good models and a hostile one: two placed, one refused, progress to 100."""
+    first = stored_model(s3, os.urandom(3 * MIB), path="checkpoints/a.safetensors")
+    second = stored_model(s3, os.urandom(2 * MIB), path="vae/b.safetensors")
+    hostile = sync_model(first).model_copy(update={"model_path": "../../etc/evil"})
+    progress: list[SyncProgress | None] = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        syncer = Syncer(
+            ModelCache(tmp_path / "cache"), tmp_path / "models", http, on_progress=progress.append
+        )
+        report = await syncer.sync([sync_model(first), sync_model(second), hostile])
+    assert sorted(report.fetched) == sorted([first.sha256, second.sha256])
+    assert {p.relative_to(tmp_path / "models").as_posix() for p in report.placed} == {
+        "checkpoints/a.safetensors",
+        "vae/b.safetensors",
+    }
+    assert len(report.refused) == 1
+    assert "model_path" in report.refused[0]
+    assert not (tmp_path / "etc").exists()
+    percents = [p.sync_percent for p in progress if p is not None]
+    assert percents == sorted(percents)
+    assert percents[-1] == 100.0
+    assert progress[-1] is None  # done: back to normal
+    assert syncer.missing(["checkpoints/a.safetensors", "loras/c.safetensors"]) == [
+        "loras/c.safetensors"
+    ]
+    assert sorted(syncer.held()) == sorted([first.sha256, second.sha256])
+
+
+def test_models_list_and_prune_commands(tmp_path: Path) -> None:
+    """`models list --json` shows blobs and placements; `models prune` evicts to the budget."""
+    cache = ModelCache(tmp_path / "cache" / "models")
+    digests = []
+    for age in range(3):
+        data = os.urandom(MIB)
+        digest = hashlib.sha256(data).hexdigest()
+        cache.blob(digest).write_bytes(data)
+        os.utime(cache.blob(digest), (1_000_000 + age, 1_000_000 + age))
+        digests.append(digest)
+    spec = ModelSpec("checkpoints", "kept.bin", MIB, digests[2], "http://unused")
+    cache.place(spec, tmp_path / "models")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "CYBERUN_AGENT_CACHE_DIR": str(tmp_path / "cache"),
+        "CYBERUN_AGENT_STATE_DIR": str(tmp_path / "state"),
+    }
+    listed = json.loads(agent_cli("models", "list", "--json", env=env).stdout)
+    assert [row["sha256"] for row in listed] == digests[::-1]  # most recently used first
+    assert listed[0]["placed"] == [str(tmp_path / "models" / "checkpoints" / "kept.bin")]
+    pruned = agent_cli("models", "prune", "--budget", str(MIB), env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "evicted 2 model(s)" in pruned.stdout
+    assert [m.sha256 for m in cache.models()] == [digests[2]]
+    assert agent_cli("models", "prune", env=env).returncode == 3  # no budget configured
