@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from agent.protocol.messages import WS_PATH
 from gateway.agent_ws import AgentEndpoint
-from gateway.api import agents, files, pairing, runs, tasks, workflows
+from gateway.api import agents, files, pairing, runs, tasks, team_models, workflows
 from gateway.api.deps import Services, install_error_handlers
 from gateway.cloud import CloudRunner
 from gateway.config import GatewayConfig
@@ -66,7 +66,7 @@ def create_app(
     )
     install_error_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (workflows, runs, tasks, files, agents, pairing):
+    for module in (workflows, runs, tasks, files, team_models, agents, pairing):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(pairing.page)

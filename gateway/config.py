@@ -37,6 +37,8 @@ class GatewayConfig:
     """Inputs expire after a day (documented)."""
     max_file_bytes: int = 500 * 1024 * 1024
     """Default per-file cap of ``/r/files/presign`` (documented: 500 MB)."""
+    model_download_ttl_s: int = 6 * 3600
+    """Lifetime of the sync set's model download URLs (big files take a while)."""
     multipart_threshold: int = 64 * 1024 * 1024
     part_size: int = 16 * 1024 * 1024
     comfy_cloud_url: str | None = None

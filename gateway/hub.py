@@ -34,6 +34,8 @@ from agent.protocol.messages import (
     ResumeAction,
     ResumeEntry,
     Status,
+    Sync,
+    SyncModel,
     TaskAssign,
     TaskCancel,
     TaskPhase,
@@ -46,6 +48,7 @@ from agent.protocol.messages import (
 from agent.protocol.messages import (
     InputFile as WireInput,
 )
+from gateway import model_set
 from gateway.cloud import CLOUD_AGENT_KEY, CloudRunner
 from gateway.config import GatewayConfig
 from gateway.models import DispatchTarget, TargetPool, TaskStatus
@@ -253,7 +256,25 @@ class Hub:
             server_time=stamp(),
             resume=resume,
             pools=list(conn.hello.pools),
+            sync=self.sync_set(conn.team_id),
         )
+
+    def sync_set(self, team_id: str) -> list[SyncModel]:
+        """The team's active models with fresh download URLs (``welcome.sync``, ``sync``)."""
+        return model_set.sync_set(
+            self.store, self.storage, team_id, self.config.model_download_ttl_s
+        )
+
+    def send_sync(self, team_id: str) -> int:
+        """Send the team's new model set to each of its connected agents; return how many."""
+        conns = [conn for conn in self.agents.values() if conn.team_id == team_id]
+        if not conns:
+            return 0
+        models = self.sync_set(team_id)
+        for conn in conns:
+            conn.send(Sync(id=message_id(), ts=stamp(), models=models))
+        log.info("model set sent", team_id=team_id, agents=len(conns), models=len(models))
+        return len(conns)
 
     def _resume(self, conn: AgentConn, entry: InFlight) -> ResumeEntry:
         action = ResumeAction.ABANDON

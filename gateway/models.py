@@ -376,3 +376,66 @@ class ErrorBody(BaseModel):
         rule: str | None = None
 
     error: Detail
+
+
+# ---------------------------------------------------------------------- team models
+
+MODEL_TYPE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+FILE_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+MAX_MODEL_BYTES = 64 * 1024**3
+"""The largest model ``/models/presign`` accepts (64 GiB, one PUT)."""
+MAX_MODEL_PATH = 256
+"""The longest ``model_path`` (what ``SyncModel.model_path`` carries on the wire)."""
+
+
+class ModelStatus(enum.StrEnum):
+    """An active model is in the team's sync set; a disabled one is not."""
+
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class ModelIn(ApiModel):
+    """Body of ``POST /models/presign`` and ``POST /models``."""
+
+    model_type: Annotated[str, Field(max_length=64, pattern=MODEL_TYPE_PATTERN)]
+    """A ComfyUI ``models/`` subfolder: ``checkpoints``, ``loras``, ``vae``…"""
+    model_path: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_PATH)]
+    """Relative to ``models/<model_type>/`` (no ``..``, no backslash, never absolute)."""
+    file_size: Annotated[int, Field(ge=1, le=MAX_MODEL_BYTES)]
+    file_hash: Annotated[str, Field(max_length=71, pattern=FILE_HASH_PATTERN)]
+
+
+class ModelPresignResponse(BaseModel):
+    """Answer of ``POST /models/presign``: PUT the bytes with ``upload_headers`` verbatim."""
+
+    upload_url: str
+    upload_headers: dict[str, str]
+    storage_key: str
+    expires_at: datetime
+    already_uploaded: bool
+    """The team's storage already holds this content: skip the PUT (it would answer 412)."""
+
+
+class ModelRecord(BaseModel):
+    """A registered team model."""
+
+    id: str
+    model_type: str
+    model_path: str
+    file_size: int
+    file_hash: str
+    model_status: ModelStatus
+    created_at: datetime
+
+
+class ModelPatch(ApiModel):
+    """Body of ``PATCH /models/{id}``."""
+
+    model_status: ModelStatus
+
+
+class ModelList(BaseModel):
+    """``GET /models`` answer."""
+
+    model_list: list[ModelRecord]

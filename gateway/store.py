@@ -1,4 +1,4 @@
-"""Durable gateway state: teams, credentials, pairings, workflows, files, tasks, task events.
+"""Durable gateway state: teams, credentials, pairings, workflows, files, models, tasks, events.
 
 :class:`Store` is the interface; :class:`SqliteStore` the default implementation (one file
 in the data dir, WAL journal). Calls are synchronous and short (a WAL commit is a fraction
@@ -25,6 +25,9 @@ from typing import Any, Protocol
 from gateway.auth import CredentialKind, StoredCredential
 from gateway.models import (
     DispatchTarget,
+    ModelIn,
+    ModelRecord,
+    ModelStatus,
     TargetPool,
     TaskStatus,
     ToolType,
@@ -151,6 +154,13 @@ class Store(Protocol):
     def workflows(self, team_id: str) -> list[Workflow]: ...
     def add_file(self, record: FileRecord) -> None: ...
     def file(self, file_key: str) -> FileRecord | None: ...
+    def add_model(self, team_id: str, body: ModelIn, max_models: int) -> ModelRecord: ...
+    def model(self, team_id: str, model_id: str) -> ModelRecord: ...
+    def models(self, team_id: str, status: ModelStatus | None = None) -> list[ModelRecord]: ...
+    def set_model_status(
+        self, team_id: str, model_id: str, status: ModelStatus
+    ) -> tuple[ModelRecord, bool]: ...
+    def delete_model(self, team_id: str, model_id: str) -> ModelRecord: ...
     def insert_task(self, row: TaskRow) -> None: ...
     def task(self, task_id: str, team_id: str | None = None) -> TaskRow: ...
     def update_task(self, row: TaskRow) -> None: ...
@@ -186,6 +196,11 @@ CREATE TABLE IF NOT EXISTS files (
     file_key TEXT PRIMARY KEY, team_id TEXT NOT NULL, file_name TEXT NOT NULL,
     size INTEGER NOT NULL, content_type TEXT NOT NULL, created_at TEXT NOT NULL,
     expires_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    id TEXT PRIMARY KEY, team_id TEXT NOT NULL, model_type TEXT NOT NULL,
+    model_path TEXT NOT NULL, file_size INTEGER NOT NULL, file_hash TEXT NOT NULL,
+    model_status TEXT NOT NULL, created_at TEXT NOT NULL,
+    UNIQUE (team_id, model_type, model_path));
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, team_id TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,
     body TEXT NOT NULL);
@@ -204,6 +219,7 @@ _PAGE_TASKS = (
     "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
 )
 _TASK_TIMES = ("created_at", "started_at", "completed_at")
+_MODEL_COLUMNS = "id, model_type, model_path, file_size, file_hash, model_status, created_at"
 
 
 def _stamp(moment: datetime) -> str:
@@ -222,6 +238,18 @@ def _pairing(row: tuple[Any, ...] | None) -> Pairing | None:
         expires_at=datetime.fromisoformat(row[4]),
         status=PairingStatus(row[5]),
         team_id=row[6],
+    )
+
+
+def _model(row: tuple[Any, ...]) -> ModelRecord:
+    return ModelRecord(
+        id=row[0],
+        model_type=row[1],
+        model_path=row[2],
+        file_size=row[3],
+        file_hash=row[4],
+        model_status=ModelStatus(row[5]),
+        created_at=datetime.fromisoformat(row[6]),
     )
 
 
@@ -577,6 +605,96 @@ class SqliteStore:
             created_at=datetime.fromisoformat(row[5]),
             expires_at=datetime.fromisoformat(row[6]),
         )
+
+    # ------------------------------------------------------------------ models
+
+    def add_model(self, team_id: str, body: ModelIn, max_models: int) -> ModelRecord:
+        """Register an active model; ``ConflictError`` when its type+path is taken.
+
+        Raises ``OverflowError`` when the team already has ``max_models`` models.
+        """
+        record = ModelRecord(
+            **body.model_dump(),
+            id=new_id("model"),
+            model_status=ModelStatus.ACTIVE,
+            created_at=utcnow(),
+        )
+        with self._tx() as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM models WHERE team_id=?", (team_id,)
+            ).fetchone()
+            if int(count) >= max_models:
+                raise OverflowError(f"a team may register at most {max_models} models")
+            try:
+                db.execute(
+                    f"INSERT INTO models (team_id, {_MODEL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",  # noqa: S608 - constant column list
+                    (
+                        team_id,
+                        record.id,
+                        record.model_type,
+                        record.model_path,
+                        record.file_size,
+                        record.file_hash,
+                        record.model_status.value,
+                        _stamp(record.created_at),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ConflictError(
+                    f"{body.model_type}/{body.model_path} is already registered in this team"
+                ) from None
+        return record
+
+    def model(self, team_id: str, model_id: str) -> ModelRecord:
+        """Return one model of a team (other teams' models are not found)."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE team_id=? AND id=?",  # noqa: S608 - constant column list
+                (team_id, model_id),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(model_id)
+        return _model(row)
+
+    def models(self, team_id: str, status: ModelStatus | None = None) -> list[ModelRecord]:
+        """Return a team's models (of ``status`` when given), by model_type then model_path."""
+        wanted = None if status is None else status.value
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE team_id=? "  # noqa: S608 - constant column list
+                "AND (? IS NULL OR model_status=?) ORDER BY model_type, model_path",
+                (team_id, wanted, wanted),
+            ).fetchall()
+        return [_model(r) for r in rows]
+
+    def set_model_status(
+        self, team_id: str, model_id: str, status: ModelStatus
+    ) -> tuple[ModelRecord, bool]:
+        """Enable or disable a model; return it and whether its status changed."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE team_id=? AND id=?",  # noqa: S608 - constant column list
+                (team_id, model_id),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(model_id)
+            current = _model(row)
+            if current.model_status is status:
+                return current, False
+            db.execute("UPDATE models SET model_status=? WHERE id=?", (status.value, model_id))
+        return current.model_copy(update={"model_status": status}), True
+
+    def delete_model(self, team_id: str, model_id: str) -> ModelRecord:
+        """Forget a model (its stored object stays); return it as it was."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE team_id=? AND id=?",  # noqa: S608 - constant column list
+                (team_id, model_id),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(model_id)
+            db.execute("DELETE FROM models WHERE id=?", (model_id,))
+        return _model(row)
 
     # ------------------------------------------------------------------ tasks
 

@@ -26,6 +26,7 @@ from agent.protocol.actions import (
     Evaluate,
     Send,
     StartTask,
+    SyncModels,
 )
 from agent.protocol.codec import encode
 from agent.protocol.messages import (
@@ -35,6 +36,7 @@ from agent.protocol.messages import (
     OutputFile,
     Pool,
     RejectReason,
+    SyncModel,
     TaskAssign,
     TaskRef,
     TaskUploadUrls,
@@ -66,6 +68,7 @@ class SimAgent:
         tools: Sequence[Tool] = (Tool.COMFYUI,),
         mode: Mode = "accept",
         reject_reason: RejectReason = RejectReason.POLICY_DENIED,
+        models: Sequence[str] = (),
     ) -> None:
         """Describe the agent; nothing connects until ``async with``."""
         self.ws_url = ws_url
@@ -80,6 +83,7 @@ class SimAgent:
                 tools=tuple(ToolInfo(name=t, version="1.0") for t in tools),
                 labels=tuple(labels),
                 region=region,
+                models=tuple(models),
                 capability=Capability(
                     platform_arch="linux/amd64",
                     gpus=[
@@ -95,6 +99,8 @@ class SimAgent:
         self.offers: asyncio.Queue[TaskAssign] = asyncio.Queue()
         self.cancels: asyncio.Queue[CancelTask] = asyncio.Queue()
         self.abandons: asyncio.Queue[AbandonTask] = asyncio.Queue()
+        self.syncs: asyncio.Queue[tuple[SyncModel, ...]] = asyncio.Queue()
+        """Each model set received (``welcome.sync`` first, then every ``sync``)."""
         self.replies: dict[str, asyncio.Future[TaskUploadUrls]] = {}
         self.welcome: Welcome | None = None
         self._established = asyncio.Event()
@@ -153,6 +159,10 @@ class SimAgent:
     async def next_cancel(self, timeout: float = 10) -> CancelTask:
         """Wait for the next cancel the gateway sent for a running task."""
         return await asyncio.wait_for(self.cancels.get(), timeout)
+
+    async def next_sync(self, timeout: float = 10) -> tuple[SyncModel, ...]:
+        """Wait for the next model set the gateway sent (``welcome.sync`` or ``sync``)."""
+        return await asyncio.wait_for(self.syncs.get(), timeout)
 
     async def progress(self, task: TaskRef, value: float, **extra: Any) -> None:
         """Report progress."""
@@ -231,6 +241,8 @@ class SimAgent:
                 self.cancels.put_nowait(action)
             case AbandonTask():
                 self.abandons.put_nowait(action)
+            case SyncModels():
+                self.syncs.put_nowait(action.models)
             case Deliver():
                 future = self.replies.pop(action.message.re or "", None)
                 if future is not None and not future.done():

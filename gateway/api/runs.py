@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body
 from gateway.api.deps import ApiError, CallerDep, Services, ServicesDep
 from gateway.api.workflows import workflow_by_ref
 from gateway.auth import Principal
+from gateway.model_set import required_hashes
 from gateway.models import (
     DispatchTarget,
     RunAccepted,
@@ -69,6 +70,11 @@ async def submit(
     target = request.dispatch_target or workflow.default_dispatch_target
     if target is DispatchTarget.COMFY_CLOUD:
         _check_cloud(svc, workflow)
+    model_hashes = (
+        required_hashes(svc.store, principal.team_id, workflow.required_models)
+        if target is DispatchTarget.AGENT
+        else []
+    )
     files = await _file_metas(svc, keys_to_lookup(workflow, request.parameters))
     resolved = resolve_parameters(
         workflow, request.parameters, team_id=principal.team_id, files=files
@@ -84,6 +90,7 @@ async def submit(
         "required_labels": workflow.required_labels,
         "min_vram_gb": workflow.min_vram_gb,
         "required_models": workflow.required_models,
+        "required_model_hashes": model_hashes,
         "preferred_gpu": workflow.preferred_gpu,
     }
     row = TaskRow(
