@@ -179,6 +179,16 @@ def _add_setup_commands(
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_models_list)
+    sync = models_sub.add_parser(
+        "sync",
+        allow_abbrev=False,
+        parents=[common],
+        help="pull the team's models now (progress bar; --json for machines)",
+        description="Ask the gateway for the team's model set (a capacity-less session, like "
+        "doctor) and fetch, verify and place every model, as the daemon does at connect.",
+    )
+    sync.add_argument("--json", action="store_true", help="print a JSON report")
+    sync.set_defaults(handler=_models_sync)
     prune = models_sub.add_parser(
         "prune",
         allow_abbrev=False,
@@ -568,6 +578,14 @@ def _models_list(args: argparse.Namespace) -> int:
         places = ", ".join(row["placed"]) or "(not placed)"
         print(f"{row['sha256'][:12]}  {row['size'] / 2**20:10.1f} MiB  {places}")
     return ExitCode.OK
+
+
+def _models_sync(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    loaded.check_runnable()
+    logs.configure("error", "console")
+    models = importlib.import_module("agent.models_cli")
+    return int(models.sync(loaded.settings, as_json=args.json))
 
 
 def _models_prune(args: argparse.Namespace) -> int:

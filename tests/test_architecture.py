@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "agent.app",
         "agent.doctor",
         "agent.login",
+        "agent.models_cli",
     },
     {"agent.cli", "agent.__main__"},
 ]

@@ -8,6 +8,7 @@ requires it, and drops it (within a zero budget) when it is disabled.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.agent_process import AgentProcess, script_workflow, start_agent
+from tests.agent_process import ROOT, AgentProcess, agent_cli, script_workflow, start_agent
 from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
 from tests.seaweedfs import SeaweedFS
 
@@ -88,3 +89,29 @@ def test_an_agent_pulls_places_uses_and_drops_the_teams_model(
         assert not placed.exists()
     finally:
         agent.stop()
+
+
+def test_models_sync_command_pulls_the_set_once(tmp_path: Path, gw: GatewayProcess) -> None:
+    """`models sync --json` fetches and places the team's set; a second run fetches nothing."""
+    dk = gw.credential("models-cli")
+    content = os.urandom(2 * MIB)
+    register(gw, dk, content, "loras/style.safetensors")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "CYBERUN_AGENT_GATEWAY_URL": gw.url,
+        "CYBERUN_AGENT_CREDENTIAL": dk,
+        "CYBERUN_AGENT_STATE_DIR": str(tmp_path / "state"),
+        "CYBERUN_AGENT_CACHE_DIR": str(tmp_path / "cache"),
+        "CYBERUN_AGENT_MODELS__DIR": str(tmp_path / "models"),
+    }
+    first = agent_cli("models", "sync", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["models"] == 1
+    assert len(report["fetched"]) == 1
+    assert (tmp_path / "models" / "loras" / "style.safetensors").read_bytes() == content
+    again = json.loads(agent_cli("models", "sync", "--json", env=env).stdout)
+    assert again["fetched"] == []
+    assert dk not in first.stdout + first.stderr
