@@ -383,7 +383,7 @@ class Agent:
         was = self.sync_progress
         self.sync_progress = progress
         self.session.set_resources(self.session.resources, progress)
-        if (was is None) != (progress is None):
+        if progress is None or was is None:  # started, or done (the models held changed)
             self._publish()
 
     def _models_in_use(self) -> set[str]:

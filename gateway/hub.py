@@ -151,7 +151,9 @@ class AgentConn:
             tools=frozenset(t.name.value for t in hello.tools),
             gpu_vram=tuple(g.vram_total for g in hello.capability.gpus),
             gpu_names=tuple(g.name for g in hello.capability.gpus),
-            models=frozenset(hello.models),
+            models=frozenset(
+                status.models if status and status.models is not None else hello.models
+            ),
             connected_at=self.connected_at,
         )
 

@@ -381,6 +381,8 @@ class Status(Envelope):
     labels: list[Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=256)
     resources: ResourceSnapshot | None = None
     sync: SyncProgress | None = None
+    models: list[Sha256Hex] | None = Field(default=None, max_length=100_000)
+    """The content hashes held now (``hello.models`` goes stale after a sync)."""
 
 
 class TaskAccept(Envelope, TaskRef):

@@ -718,6 +718,7 @@ class Session:
             tuple(sorted((r.task_id, r.attempt) for r in self.running())),
             self._health.reason,
             self._advert.labels,
+            self._advert.models,
         )
 
     def _status_if_changed(self, now: float) -> list[Action]:
@@ -738,6 +739,7 @@ class Session:
             labels=list(self._advert.labels),
             resources=self._health.resources,
             sync=self._health.sync,
+            models=list(self._advert.models),
         )
         return Send(message)
 

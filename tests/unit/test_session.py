@@ -20,6 +20,7 @@ from agent.protocol.actions import (
     PeerError,
     Send,
     StartTask,
+    SyncModels,
 )
 from agent.protocol.messages import (
     AgentStatus,
@@ -35,6 +36,8 @@ from agent.protocol.messages import (
     RejectReason,
     ResumeAction,
     Status,
+    Sync,
+    SyncModel,
     TaskAccept,
     TaskCancelled,
     TaskComplete,
@@ -621,3 +624,31 @@ def test_accept_after_turning_unhealthy_becomes_reject() -> None:
     session.handle(f.assign(), 1.0)
     session.set_status(AgentStatus.UNHEALTHY, 1.5, "gpu too hot")
     assert only(session.decide(f.ref(), 2.0), TaskReject).reason is RejectReason.UNHEALTHY
+
+
+def test_models_held_change_sends_a_status_carrying_them() -> None:
+    """After a sync the held hashes go out in a status at once (hello.models is stale)."""
+    from agent.protocol.session import Advert  # noqa: PLC0415 - only this test builds one
+
+    session = established()
+    held = ("a" * 64, "b" * 64)
+    status = only(session.set_advert(Advert(models=held), 1.0), Status)
+    assert status.models == list(held)
+    assert session.set_advert(Advert(models=held), 2.0) == []  # unchanged: nothing sent
+
+
+def test_welcome_sync_and_sync_messages_hand_over_the_model_set() -> None:
+    """welcome.sync and every later sync message become SyncModels actions, in order."""
+    model = SyncModel(
+        model_type="checkpoints",
+        model_path="a.safetensors",
+        file_size=1,
+        file_hash="sha256:" + "c" * 64,
+        download_url="http://127.0.0.1/x",
+    )
+    session = f.make_session(1, None)
+    session.connected(0.0)
+    actions = session.handle(f.welcome().model_copy(update={"sync": [model]}), 0.0)
+    assert [a.models for a in actions if isinstance(a, SyncModels)] == [(model,)]
+    later = Sync(id="s1", ts=f.welcome().ts, models=[])
+    assert session.handle(later, 1.0) == [SyncModels(())]
