@@ -4,6 +4,7 @@ Layout under ``root`` (``<cache_dir>/models``)::
 
     blobs/<sha256>          complete files, verified against their hash; mtime = last use
     partial/<sha256>.part   a download in progress (kept across restarts and resumed)
+    partial/<sha256>.lock   held (flock) by the one process downloading that model
     links/<sha256>          where the blob was placed (one path a line), removed with it
 
 - :meth:`ModelCache.fetch` streams a model's presigned URL into its ``.part`` file, resuming
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -157,11 +159,31 @@ class ModelCache:
         spec: ModelSpec,
         on_progress: Callable[[int, int], None] = lambda _done, _total: None,
     ) -> Fetched:
-        """Make the blob of ``spec`` present and verified; resume what a past try left."""
+        """Make the blob of ``spec`` present and verified; resume what a past try left.
+
+        One process at a time downloads a given model (a lock file beside its ``.part``):
+        ``models sync`` run next to the daemon waits for it, then finds the blob.
+        """
         target = self.blob(spec.sha256)
         if target.is_file():
             self.touch(spec.sha256)
             return Fetched(target, 0)
+        lock = await _exclusive(self.partial / f"{spec.sha256}.lock")
+        try:
+            if target.is_file():  # another process fetched it meanwhile
+                self.touch(spec.sha256)
+                return Fetched(target, 0)
+            return await self._fetch_unlocked(http, spec, target, on_progress)
+        finally:
+            os.close(lock)  # releases the lock
+
+    async def _fetch_unlocked(
+        self,
+        http: httpx.AsyncClient,
+        spec: ModelSpec,
+        target: Path,
+        on_progress: Callable[[int, int], None],
+    ) -> Fetched:
         part = self.partial / f"{spec.sha256}.part"
         transferred, resumed_from, mismatches = 0, _size(part), 0
         for attempt in range(ATTEMPTS):
@@ -282,6 +304,29 @@ class ModelCache:
             total -= model.size
             removed.append(model.sha256)
         return removed
+
+
+LOCK_RETRY_S = 0.5
+
+
+async def _exclusive(path: Path) -> int:
+    """An open descriptor holding an exclusive ``flock`` on ``path`` (close it to release).
+
+    Another process may hold it for a whole download: it is retried every ``LOCK_RETRY_S``
+    (an inter-process lock has no event to await), and a cancelled wait holds nothing.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.sleep(LOCK_RETRY_S)
+                continue
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _resume_offset(part: Path, size: int) -> int:
