@@ -434,14 +434,15 @@ class Agent:
         """What ``/status`` (and ``cyberun-agent status``) shows."""
         session, advert = self.session, self.session.advert
         connected = self.connection is not None and self.connection.connected
+        reasons = self.not_ready()
         return {
             "agent_id": self.agent_id,
             "agent_version": __version__,
             "gateway_url": self.settings.gateway_url,
             "connected": connected,
             "agent_status": session.agent_status().value,
-            "ready": not self.not_ready(),
-            "not_ready": self.not_ready(),
+            "ready": not reasons,
+            "not_ready": reasons,
             "labels": list(advert.labels),
             "region": advert.region,
             "capacity": {pool.value: n for pool, n in session.capacity().items()},

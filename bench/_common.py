@@ -9,6 +9,7 @@ own copies of these helpers.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -186,3 +187,13 @@ def run_benchmark(
     if write:
         write_results(title, section(title, intro, machine(extra()), table))
     return 1 if check and not all(verdicts(results).values()) else 0
+
+
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: ``--write`` and ``--check``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{module}", description=(doc or "").split("\n")[0]
+    )
+    parser.add_argument("--write", action="store_true", help="update bench/results.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    return parser

@@ -53,6 +53,7 @@ from websockets.asyncio.client import connect
 
 from bench._common import (
     BenchError,
+    bench_parser,
     load_average,
     ms,
     package_versions,
@@ -419,9 +420,7 @@ def describe(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.dispatch", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = bench_parser("dispatch", __doc__)
     parser.add_argument("--tasks", type=int, default=200, help="measured tasks per agent (200)")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured tasks first (10)")
     parser.add_argument(
@@ -430,8 +429,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--echo-per-task", type=int, default=5, help="echo round trips after each task (5)"
     )
-    parser.add_argument("--write", action="store_true", help="update bench/results.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     kinds = tuple(k.strip() for k in args.agents.split(",") if k.strip())
     if not kinds or any(k not in KINDS for k in kinds):

@@ -41,6 +41,7 @@ import httpx
 
 from bench._common import (
     BenchError,
+    bench_parser,
     load_average,
     ms,
     package_versions,
@@ -306,17 +307,13 @@ def describe(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fleet", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = bench_parser("fleet", __doc__)
     parser.add_argument("--agents", type=int, default=1000, help="simulated agents (1000)")
     parser.add_argument("--paced", type=int, default=300, help="tasks one at a time (300)")
     parser.add_argument("--burst", type=int, default=2000, help="tasks in the burst (2000)")
     parser.add_argument(
         "--concurrency", type=int, default=32, help="concurrent submitters in the burst (32)"
     )
-    parser.add_argument("--write", action="store_true", help="update bench/results.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if min(args.agents, args.paced, args.burst, args.concurrency) < 1:
         parser.error("--agents, --paced, --burst and --concurrency must be >= 1")

@@ -37,6 +37,7 @@ import psutil
 from bench._common import (
     MIB,
     BenchError,
+    bench_parser,
     load_average,
     progress,
     run_benchmark,
@@ -253,9 +254,7 @@ def describe(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.idle", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = bench_parser("idle", __doc__)
     parser.add_argument("--seconds", type=float, default=60, help="sampled seconds (60)")
     parser.add_argument(
         "--settle", type=float, default=5, help="unmeasured seconds after connecting (5)"
@@ -263,8 +262,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-comfyui", action="store_true", help="skip the agent attached to ComfyUI"
     )
-    parser.add_argument("--write", action="store_true", help="update bench/results.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.seconds < SAMPLE_S or args.settle < 0:
         parser.error(f"--seconds must be >= {SAMPLE_S:g} and --settle >= 0")

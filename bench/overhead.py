@@ -52,6 +52,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from bench._common import (
     MIB,
     BenchError,
+    bench_parser,
     load_average,
     ms,
     package_versions,
@@ -456,16 +457,12 @@ def describe(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.overhead", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = bench_parser("overhead", __doc__)
     parser.add_argument("--runs", type=int, default=7, help="measured runs of each path (7)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (1)")
     parser.add_argument("--steps", type=int, default=20, help="slow node steps (20)")
     parser.add_argument("--step-s", type=float, default=0.1, help="seconds per step (0.1)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024)")
-    parser.add_argument("--write", action="store_true", help="update bench/results.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.steps < 1 or args.step_s < 0 or args.size < 8:
         parser.error("--runs, --steps >= 1, --warmup, --step-s >= 0, --size >= 8")

@@ -39,6 +39,7 @@ import httpx
 
 from bench._common import (
     BenchError,
+    bench_parser,
     load_average,
     package_versions,
     progress,
@@ -292,15 +293,11 @@ def describe(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.progress", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = bench_parser("progress", __doc__)
     parser.add_argument(
         "--seconds", type=float, default=10, help="about how long each flood runs (10)"
     )
     parser.add_argument("--no-comfyui", action="store_true", help="skip the ComfyUI source")
-    parser.add_argument("--write", action="store_true", help="update bench/results.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.seconds < 1:
         parser.error("--seconds must be >= 1")
