@@ -315,6 +315,11 @@ class CommunityPoolSettings(BaseModel):
     hours: tuple[HoursWindow, ...] = ()  # "HH:MM-HH:MM" windows; may wrap midnight
     timezone: str = "UTC"
     only_when_idle: bool = False
+    """Community credit only while no team task runs and the GPUs are idle (see below)."""
+    idle_max_utilization: float = Field(default=10.0, ge=0, le=100)
+    """``only_when_idle``: every usable GPU's utilisation must be below this (percent)."""
+    idle_check_processes: bool = True
+    """``only_when_idle``: a GPU process outside the agent's own process tree means busy."""
     preempt: bool = False
 
     @field_validator("timezone")
@@ -363,6 +368,77 @@ class PoolSettings(BaseModel):
         return ["team", "community"] if self.community.enabled else ["team"]
 
 
+NerfstudioMethod = Literal[
+    "splatfacto", "splatfacto-big", "nerfacto", "nerfacto-big", "nerfacto-huge"
+]
+_ALL_METHODS: tuple[NerfstudioMethod, ...] = (
+    "splatfacto",
+    "splatfacto-big",
+    "nerfacto",
+    "nerfacto-big",
+    "nerfacto-huge",
+)
+NodeClass = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ComfyUIPolicy(BaseModel):
+    """What a policed ComfyUI graph may contain (see ``docs/community.md``)."""
+
+    model_config = _FROZEN
+
+    allow_nodes: Annotated[tuple[NodeClass, ...], BeforeValidator(split_commas)] = ()
+    """Node classes allowed besides ComfyUI's built-in nodes (e.g. a vetted custom node)."""
+    deny_nodes: Annotated[tuple[NodeClass, ...], BeforeValidator(split_commas)] = ()
+    """Built-in node classes refused all the same."""
+    max_side: int = Field(default=2048, ge=1)
+    """Largest ``width``/``height`` (pixels)."""
+    max_pixels: int = Field(default=4_194_304, ge=1)
+    """Largest ``width`` × ``height`` of one node."""
+    max_batch_size: int = Field(default=4, ge=1)
+    max_steps: int = Field(default=100, ge=1)
+    max_frames: int = Field(default=240, ge=1)
+    """Largest frame count (``length``, ``frames``, ``video_frames``, ``num_frames``…)."""
+    max_seconds: float = Field(default=60.0, gt=0)
+    """Largest media length (``seconds``, ``duration``) a node may generate."""
+    max_scale: float = Field(default=4.0, gt=0)
+    """Largest upscale factor (``scale_by``, ``upscale_factor``…)."""
+    allow_models: Annotated[tuple[NodeClass, ...], BeforeValidator(split_commas)] = ()
+    """Model file names usable besides the models the agent's cache holds."""
+
+
+class NerfstudioPolicy(BaseModel):
+    """What a policed Nerfstudio spec may ask for."""
+
+    model_config = _FROZEN
+
+    methods: Annotated[tuple[NerfstudioMethod, ...], BeforeValidator(split_commas)] = (
+        _ALL_METHODS
+    )
+    allow_options: Annotated[tuple[str, ...], BeforeValidator(split_commas)] | None = None
+    """``train.options``/``train.dataparser`` keys allowed; ``None``: all the spec allows."""
+    max_iterations: int = Field(default=30_000, ge=1)
+    max_points: int = Field(default=2_000_000, ge=1_000)
+    max_frames: int = Field(default=300, ge=10)
+    """Largest ``process.num_frames_target``."""
+
+
+class PolicySettings(BaseModel):
+    """The policy engine: checked before ``task.accept`` (community tasks; team with ``team``)."""
+
+    model_config = _FROZEN
+
+    team: bool = False
+    """Police team tasks too (community tasks always are)."""
+    max_duration_s: float = Field(default=3600.0, gt=0)
+    """Longest a policed task may run: a longer ``timeout_s`` is refused, none gets this."""
+    comfyui: ComfyUIPolicy = Field(default_factory=ComfyUIPolicy)
+    nerfstudio: NerfstudioPolicy = Field(default_factory=NerfstudioPolicy)
+
+    def applies(self, pool: str) -> bool:
+        """Say whether tasks of *pool* (``team``/``community``) are policed."""
+        return pool == "community" or self.team
+
+
 class ComfyUILaunch(BaseModel):
     """Launch and supervise ComfyUI as a child process."""
 
@@ -387,11 +463,16 @@ class ComfyUISettings(BaseModel):
 
     url: Annotated[str, AfterValidator(_check_http_url)] | None = None
     launch: ComfyUILaunch | None = None
+    directory: ExpandedPath | None = None
+    """The attached ComfyUI's base directory (its ``input/``, ``output/``, ``temp/``): the agent
+    deletes a community task's files there. Launch mode knows it already."""
 
     @model_validator(mode="after")
     def _url_or_launch(self) -> Self:
         if self.url is not None and self.launch is not None:
             raise ValueError("set either url or launch, not both")
+        if self.launch is not None and self.directory is not None:
+            raise ValueError("directory is for an attached ComfyUI (url); launch knows its own")
         return self
 
     @property
@@ -564,6 +645,7 @@ class Settings(BaseModel):
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     state_dir: ExpandedPath = Field(default_factory=_default_state_dir)
     work_dir: ExpandedPath = Field(default_factory=_default_work_dir)
     cache_dir: ExpandedPath = Field(default_factory=_default_cache_dir)
@@ -608,6 +690,16 @@ class Settings(BaseModel):
     @classmethod
     def _dedupe_labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _community_can_clean_up(self) -> Self:
+        comfyui = self.runtimes.comfyui
+        if self.pools.community.enabled and comfyui.url is not None and comfyui.directory is None:
+            raise ValueError(
+                "runtimes.comfyui.directory is required when pools.community.enabled and ComfyUI"
+                " is attached by url: the agent deletes each community task's files there"
+            )
+        return self
 
     @model_validator(mode="after")
     def _capture_credentials_directory(self, info: ValidationInfo) -> Self:

@@ -334,6 +334,10 @@ class ComfyUIRuntime:
             run.collected[ref.key] = output
             run.events.output(output)
 
+    async def node_catalog(self) -> dict[str, Any]:
+        """``/object_info`` (cached for ``OBJECT_INFO_TTL_S``): the policy engine reads it."""
+        return await self._classes()
+
     async def _classes(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._object_info is None or now - self._object_info[0] > OBJECT_INFO_TTL_S:
