@@ -15,6 +15,7 @@ import time
 import structlog
 
 from agent.protocol.messages import (
+    PREEMPTED,
     Ack,
     AgentMessage,
     Error,
@@ -243,6 +244,12 @@ class AgentMessages:
             error = message.error
             where = f" (node {error.node_id})" if error.node_id else ""
             self.hub.tasks.fail(task, f"{error.code}: {error.message}{where}", outputs)
+        elif message.reason == PREEMPTED:
+            # the owner's team task took the slot: hand the task back, not counted as a retry
+            self.hub.finished(task.id)
+            self.hub.refuse(task.id, conn.key, TRANSIENT_REFUSAL_S)
+            self.hub.tasks.requeue(task, f"preempted on {conn.agent_id}", count_retry=False)
+            return
         else:
             self.hub.tasks.cancel(task, message.reason or "cancelled by the agent")
         self.hub.finished(task.id)

@@ -37,6 +37,8 @@ def make_session(
     *,
     retransmit_s: float = 5.0,
     handshake_s: float = 10.0,
+    preempt: bool = False,
+    only_when_idle: bool = False,
 ) -> Session:
     """Build a session for agent ``gpu-node-01`` with deterministic random bytes."""
     caps = {Pool.TEAM: slots}
@@ -49,6 +51,8 @@ def make_session(
         pool_caps=caps,
         retransmit_s=retransmit_s,
         handshake_s=handshake_s,
+        preemptible=frozenset({Pool.COMMUNITY}) if preempt else frozenset(),
+        exclusive=frozenset({Pool.COMMUNITY}) if only_when_idle else frozenset(),
     )
     rng = random.Random(7)  # noqa: S311 - ids only need to be distinct, and repeatable in tests
     return Session(config, wall_offset=WALL_OFFSET, random_bytes=rng.randbytes)

@@ -71,6 +71,11 @@ class TaskPhase(enum.StrEnum):
     REPORTING = "reporting"  # terminal message sent, not yet acknowledged
 
 
+PREEMPTED = "preempted"
+"""``task.cancelled.reason`` of a community task stopped for a team task: the gateway hands
+the task back to the queue without counting a retry."""
+
+
 class RejectReason(enum.StrEnum):
     """Machine-readable reasons for ``task.reject`` (a reject never counts as a retry)."""
 

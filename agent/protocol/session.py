@@ -48,6 +48,7 @@ from agent.protocol.codec import DecodeError, decode_gateway
 from agent.protocol.ids import RandomBytes, uuid7
 from agent.protocol.messages import (
     DEFAULT_MAX_FRAME_BYTES,
+    PREEMPTED,
     PROTOCOL_VERSION,
     Ack,
     AgentStatus,
@@ -122,6 +123,10 @@ class SessionConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     remembered_rejects: int = 256
     """How many rejected, acknowledged or abandoned attempts are remembered (duplicates)."""
+    preemptible: frozenset[Pool] = frozenset()
+    """Pools whose running tasks a team task may pre-empt (``pools.community.preempt``)."""
+    exclusive: frozenset[Pool] = frozenset()
+    """Pools that get no credit while a team task is held (``pools.community.only_when_idle``)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,8 @@ class _Task:
     decided: bool
     phase: TaskPhase = TaskPhase.ACCEPTED
     cancel_sent: bool = False
+    preempted: bool = False
+    """Cancelled to make room for a team task: it no longer counts against the slots."""
     terminal: TerminalMessage | None = None
     next_send: float | None = None
 
@@ -221,15 +228,23 @@ class Session:
         """Credits per offered pool: what the gateway may still assign."""
         if self.agent_status() not in {AgentStatus.IDLE, AgentStatus.BUSY}:
             return dict.fromkeys(self._pool_caps, 0)
-        active = self._active()
-        total_free = max(0, self.config.slots - len(active))
+        active = [t for t in self._active() if not t.preempted]
         accepted = set(self.welcome.pools) if self.welcome is not None else set(self._pool_caps)
+        team_held = any(t.pool is Pool.TEAM for t in active)
         return {
-            pool: min(total_free, max(0, cap - sum(1 for t in active if t.pool is pool)))
-            if pool in accepted
+            pool: self._credit(pool, cap, active)
+            if pool in accepted and not (team_held and pool in self.config.exclusive)
             else 0
             for pool, cap in self._pool_caps.items()
         }
+
+    def _credit(self, pool: Pool, cap: int, active: list[_Task]) -> int:
+        """One pool's credit: its cap less its tasks, within the slots its tasks may use."""
+        preemptible = self.config.preemptible if pool is Pool.TEAM else frozenset()
+        # a team task may take the slot of a pre-emptible task that is already running
+        blocking = [t for t in active if not (t.decided and t.pool in preemptible)]
+        total_free = max(0, self.config.slots - len(blocking))
+        return min(total_free, max(0, cap - sum(1 for t in active if t.pool is pool)))
 
     def running(self) -> list[TaskRef]:
         """Accepted tasks not yet finished (their leases are renewed by ``status``)."""
@@ -472,7 +487,28 @@ class Session:
         self._tasks[key] = entry
         entry.decided = True
         accept = self._new(TaskAccept, now, task_id=key[0], attempt=key[1], re=assign.id)
-        return [Send(accept), StartTask(assign), *self._status_if_changed(now)]
+        preempt = self._preempt_for(entry)
+        return [Send(accept), *preempt, StartTask(assign), *self._status_if_changed(now)]
+
+    def _preempt_for(self, entry: _Task) -> list[Action]:
+        """Cancel pre-emptible tasks while the accepted team task leaves too few slots."""
+        if entry.pool is not Pool.TEAM:
+            return []
+        actions: list[Action] = []
+        live = [(k, t) for k, t in self._tasks.items() if t.terminal is None and not t.preempted]
+        victims = [
+            (k, t)
+            for k, t in live
+            if t.decided and t.pool in self.config.preemptible and not t.cancel_sent
+        ]
+        excess = len(live) - self.config.slots
+        for key, victim in reversed(victims):  # the most recently accepted loses least work
+            if excess <= 0:
+                break
+            victim.preempted = victim.cancel_sent = True
+            actions.append(CancelTask(TaskRef(task_id=key[0], attempt=key[1]), PREEMPTED))
+            excess -= 1
+        return actions
 
     def set_phase(self, task: TaskRef, phase: TaskPhase) -> None:
         """Record where a running task is (reported in ``hello.in_flight``)."""

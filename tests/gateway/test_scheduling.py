@@ -123,6 +123,26 @@ async def test_community_tasks_reach_only_opted_in_agents(gw: GatewayProcess) ->
         assert team_only.offers.empty()
 
 
+async def test_a_preempted_community_task_is_requeued_without_a_retry(gw: GatewayProcess) -> None:
+    """task.cancelled "preempted" hands the task back: re-dispatched, retry_count unchanged."""
+    dk, wf = fresh_team(gw)
+    other, _ = fresh_team(gw)
+    task_id = submit(gw, dk, wf, target_pool="community")
+    async with SimAgent(gw.ws_url, other, "lender", community=1) as lender:
+        first = await lender.next_assign()
+        ref = TaskRef(task_id=task_id, attempt=first.attempt)
+        await wait_status(gw, dk, task_id, "running")
+        await lender.cancelled(ref, "preempted")
+        await lender.wait_acknowledged()  # the gateway re-queues before it acknowledges
+        record = task(gw, dk, task_id)
+        assert record["task_status"] in {"pending", "waiting"}
+        assert record["task_error"] == "preempted on lender"
+        async with SimAgent(gw.ws_url, other, "second", community=1) as second:
+            again = await second.next_assign()
+    assert (again.task_id, again.attempt) == (task_id, first.attempt + 1)
+    assert task(gw, dk, task_id)["retry_count"] == 0
+
+
 async def test_vram_requirement_selects_a_big_enough_gpu(gw: GatewayProcess) -> None:
     """min_vram_gb excludes smaller GPUs and prefers the snuggest fit among the rest."""
     dk, wf = fresh_team(gw, min_vram_gb=20)

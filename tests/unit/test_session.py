@@ -232,6 +232,79 @@ def test_set_pool_cap_changes_credit_and_sends_status() -> None:
     assert status.free_slots == {Pool.TEAM: 2, Pool.COMMUNITY: 0}
 
 
+def preempting(slots: int = 1) -> Session:
+    """An established session whose team tasks may pre-empt community tasks."""
+    session = f.make_session(slots, community=1, preempt=True)
+    session.connected(0.0)
+    session.handle(f.welcome(), 0.0)
+    return session
+
+
+def test_preempt_keeps_team_credit_while_a_community_task_runs() -> None:
+    """With pre-emption a running community task leaves the team credit at one slot."""
+    session = preempting(slots=1)
+    session.handle(f.assign("c1", pool=Pool.COMMUNITY), 1.0)
+    session.decide(f.ref("c1"), 1.0)
+    assert session.free_slots() == {Pool.TEAM: 1, Pool.COMMUNITY: 0}
+
+
+def test_team_task_preempts_the_community_task_when_no_slot_is_free() -> None:
+    """Accepting a team task in a full agent cancels a community task as ``preempted``."""
+    session = preempting(slots=1)
+    session.handle(f.assign("c1", pool=Pool.COMMUNITY), 1.0)
+    session.decide(f.ref("c1"), 1.0)
+    session.handle(f.assign("t1"), 2.0)
+    actions = session.decide(f.ref("t1"), 2.0)
+    cancels = [a for a in actions if isinstance(a, CancelTask)]
+    assert [(c.task.task_id, c.reason) for c in cancels] == [("c1", "preempted")]
+    assert only(actions, TaskAccept).task_id == "t1"
+    assert any(isinstance(a, StartTask) for a in actions)
+    assert session.free_slots() == {Pool.TEAM: 0, Pool.COMMUNITY: 0}
+    report = session.cancelled(f.ref("c1"), 3.0, "preempted")
+    assert only(report, TaskCancelled).reason == "preempted"
+
+
+def test_team_task_with_a_free_slot_preempts_nothing() -> None:
+    """Pre-emption only happens when the slots are actually full."""
+    session = preempting(slots=2)
+    session.handle(f.assign("c1", pool=Pool.COMMUNITY), 1.0)
+    session.decide(f.ref("c1"), 1.0)
+    session.handle(f.assign("t1"), 2.0)
+    actions = session.decide(f.ref("t1"), 2.0)
+    assert not any(isinstance(a, CancelTask) for a in actions)
+
+
+def test_without_preempt_a_community_task_blocks_team_credit() -> None:
+    """Pre-emption is off by default: a full agent offers no team credit."""
+    session = established(slots=1, community=1)
+    session.handle(f.assign("c1", pool=Pool.COMMUNITY), 1.0)
+    session.decide(f.ref("c1"), 1.0)
+    assert session.free_slots() == {Pool.TEAM: 0, Pool.COMMUNITY: 0}
+
+
+def test_gateway_cancel_of_a_preempted_task_is_not_repeated() -> None:
+    """A task already stopping for pre-emption is not cancelled a second time."""
+    session = preempting(slots=1)
+    session.handle(f.assign("c1", pool=Pool.COMMUNITY), 1.0)
+    session.decide(f.ref("c1"), 1.0)
+    session.handle(f.assign("t1"), 2.0)
+    session.decide(f.ref("t1"), 2.0)
+    actions = session.handle(f.cancel("c1"), 2.5)
+    assert not any(isinstance(a, CancelTask) for a in actions)
+
+
+def test_only_when_idle_closes_community_credit_while_a_team_task_runs() -> None:
+    """``only_when_idle``: no community credit while a team task is held."""
+    session = f.make_session(3, community=2, only_when_idle=True)
+    session.connected(0.0)
+    session.handle(f.welcome(), 0.0)
+    assert session.free_slots() == {Pool.TEAM: 3, Pool.COMMUNITY: 2}
+    running_task(session, "t1")
+    assert session.free_slots() == {Pool.TEAM: 2, Pool.COMMUNITY: 0}
+    rejected = session.handle(f.assign("c1", pool=Pool.COMMUNITY), 2.0)
+    assert only(rejected, TaskReject).reason is RejectReason.NO_CAPACITY
+
+
 def test_duplicate_assign_while_evaluating_is_ignored() -> None:
     """A repeated assign during evaluation produces nothing new."""
     session = established()
