@@ -12,13 +12,20 @@ A task that needs more free VRAM than any usable GPU has is refused
 (:meth:`GpuState.vram_refusal`). When the machine has GPUs and none is usable, the agent
 reports ``unhealthy`` with the reasons; with no NVIDIA driver at all it is a CPU-only
 agent (no ``gpu`` label), which is not a health problem.
+
+"Only when idle" (``pools.community``) asks :meth:`GpuState.idle_problem` whether the
+usable GPUs are busy: utilisation at or above a threshold, or a compute process that is not
+in the agent's own process tree (:func:`process_tree`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -28,6 +35,8 @@ from agent.settings import GpuSettings
 
 log = structlog.get_logger("agent.health")
 GIB = 1024**3
+PROC = Path("/proc")
+MAX_PIDS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -158,10 +167,84 @@ class GpuState:
             f"here is {best / GIB:.1f} GiB"
         )
 
+    def idle_problem(
+        self, *, own_pids: Collection[int], max_utilization: float, check_processes: bool
+    ) -> str | None:
+        """Why the usable GPUs are not idle (``None``: idle, or no GPU at all).
+
+        Busy: a usable GPU's utilisation is ``max_utilization`` percent or more, or (with
+        ``check_processes``) it runs a compute process whose pid is not in ``own_pids``. A
+        reading NVML could not take (no utilisation, no process list) does not make it busy.
+        """
+        for gpu in self.usable:
+            reading = self.reading(gpu.index)
+            if reading is None:
+                continue
+            utilization = reading.utilization
+            if utilization is not None and utilization >= max_utilization:
+                return (
+                    f"GPU {gpu.index} is {utilization:g} % busy "
+                    f"(pools.community.idle_max_utilization is {max_utilization:g})"
+                )
+            if not check_processes or not reading.processes:
+                continue
+            foreign = [pid for pid in reading.processes if pid not in own_pids]
+            if len(foreign) == 1:
+                return f"GPU {gpu.index} runs a process that is not the agent's (pid {foreign[0]})"
+            if foreign:
+                shown = ", ".join(str(pid) for pid in foreign[:MAX_PIDS_SHOWN])
+                more = ", ..." if len(foreign) > MAX_PIDS_SHOWN else ""
+                return (
+                    f"GPU {gpu.index} runs {len(foreign)} processes that are not the agent's "
+                    f"(pids {shown}{more})"
+                )
+        return None
+
     def _free(self, gpu: Gpu) -> int:
         reading = self.reading(gpu.index)
         free = reading.vram_free if reading is not None else None
         return free if free is not None else gpu.vram_total
+
+
+def process_tree(root: int, *, proc: Path = PROC) -> frozenset[int]:
+    """``root`` and all its descendants, from the parent pids in ``/proc/*/stat``.
+
+    A process that exits mid-scan is skipped; on a system without ``/proc`` (not Linux) the
+    tree is ``{root}`` alone.
+    """
+    if not sys.platform.startswith("linux"):
+        return frozenset({root})
+    try:
+        names = [entry.name for entry in proc.iterdir()]
+    except OSError:
+        return frozenset({root})
+    children: dict[int, list[int]] = {}
+    for name in names:
+        if name.isdigit():
+            parent = _parent_pid(proc / name / "stat")
+            if parent is not None:
+                children.setdefault(parent, []).append(int(name))
+    tree, pending = {root}, [root]
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in tree:
+                tree.add(child)
+                pending.append(child)
+    return frozenset(tree)
+
+
+def _parent_pid(stat: Path) -> int | None:
+    """The ppid field of one ``/proc/<pid>/stat`` (``None``: gone, unreadable or malformed)."""
+    try:
+        text = stat.read_bytes()
+    except OSError:  # exited mid-scan (ENOENT, ESRCH) or hidden from us
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ")" ends it
+    _, closing, rest = text.rpartition(b")")
+    fields = rest.split()
+    if not closing or len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return int(fields[1])
 
 
 class GpuMonitor:

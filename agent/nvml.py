@@ -87,6 +87,8 @@ class GpuReading:
     power_w: float | None = None
     throttle_reasons: tuple[str, ...] | None = None
     ecc_uncorrected: int | None = None
+    processes: tuple[int, ...] | None = None
+    """PIDs of the compute processes on this GPU (as NVML sees them), in NVML's order."""
     errors: tuple[str, ...] = field(default=())
 
 
@@ -212,6 +214,7 @@ class Nvml:
                     handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC
                 ),
             )
+            processes = query("compute processes", lambda: _compute_pids(handle))
         except _Lost:
             return GpuReading(index=index, lost=True)
         return GpuReading(
@@ -225,6 +228,7 @@ class Nvml:
             power_w=power / 1000 if power is not None else None,
             throttle_reasons=throttle_names(reasons) if reasons is not None else None,
             ecc_uncorrected=int(ecc) if ecc is not None else None,
+            processes=processes,
             errors=tuple(query.errors),
         )
 
@@ -255,6 +259,17 @@ def _throttle_bits(handle: Any) -> int:
         if exc.value != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
             raise
     return int(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+
+
+def _compute_pids(handle: Any) -> tuple[int, ...]:
+    """PIDs of the compute processes (``_v3`` first, ``_v2`` on drivers that lack it), unique."""
+    try:
+        found = pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)
+    except pynvml.NVMLError as exc:
+        if exc.value != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+            raise
+        found = pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+    return tuple(dict.fromkeys(int(process.pid) for process in found))
 
 
 def _text(value: object) -> str:

@@ -68,8 +68,11 @@ EXPORTED: tuple[str, ...] = (
     "nvmlDeviceGetCurrentClocksThrottleReasons",
     "nvmlDeviceGetTotalEccErrors",
     "nvmlDeviceGetIndex",
+    "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
 )
 INIT_RESULTS = ("ok", "driver_not_loaded", "no_permission", "unknown_error")
+MAX_PROCESSES = 64  # compute processes per GPU the fake can hold (MAX_PROCS in fake_nvml.c)
 
 
 class FakeNvmlBuildError(RuntimeError):
@@ -148,13 +151,34 @@ class FakeGpu:
     util_mem: int | None = 1  # percent
     throttle: int | None = 0  # clocks event reasons bitmask
     ecc_uncorrected: int | None = 0  # volatile and aggregate; corrected reads 0
+    processes: tuple[tuple[int, int | None], ...] | None = ()
+    """Compute processes as ``(pid, used GPU memory bytes)``; ``None`` bytes: not available."""
     lost: bool = False  # every query on this GPU raises NVMLError_GpuIsLost
 
     def line(self) -> str:
         """Return this GPU as one scenario line."""
-        return " ".join(
-            ["gpu", *(f"{f.name}={_value(getattr(self, f.name))}" for f in fields(self))]
-        )
+        parts = ["gpu"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            text = _processes(value) if f.name == "processes" else _value(value)
+            parts.append(f"{f.name}={text}")
+        return " ".join(parts)
+
+
+def _processes(processes: tuple[tuple[int, int | None], ...] | None) -> str:
+    """``pid:bytes,...`` (``none`` for no process, ``na`` when the query is not supported)."""
+    if processes is None:
+        return "na"
+    if len(processes) > MAX_PROCESSES:
+        raise ValueError(f"the fake holds at most {MAX_PROCESSES} processes per GPU")
+    if not processes:
+        return "none"
+    items = []
+    for pid, used in processes:
+        if not 0 <= pid < 2**32 or (used is not None and not 0 <= used < 2**64 - 1):
+            raise ValueError(f"a process needs a 32-bit pid and 64-bit bytes: {(pid, used)}")
+        items.append(f"{pid}:{'na' if used is None else used}")
+    return ",".join(items)
 
 
 def _value(value: object) -> str:

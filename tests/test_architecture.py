@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
         "agent.metrics",
         "agent.sync",
     },
-    {"agent.policy", "agent.tasks"},
+    {"agent.policy", "agent.community", "agent.tasks"},
     {"agent.control"},
     {
         "agent.observe",

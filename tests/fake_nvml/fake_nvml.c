@@ -15,8 +15,17 @@
  *     cuda_version = 12040
  *     gpu name="NVIDIA GeForce RTX 4090" uuid=GPU-... total=25757220864 used=1073741824
  *         cc=8.9 mig=0 bus=00000000:01:00.0 power_limit_mw=450000 power_mw=60000 temp=45
- *         util_gpu=3 util_mem=1 throttle=0x0 ecc_uncorrected=0 lost=0    (all on one line)
+ *         util_gpu=3 util_mem=1 throttle=0x0 ecc_uncorrected=0
+ *         processes=1234:104857600,5678:na lost=0                         (all on one line)
  *
+ * processes lists the GPU's compute processes as PID:USED_GPU_MEMORY_BYTES, comma-separated
+ * (at most 64; `na` bytes reads as NVML_VALUE_NOT_AVAILABLE, which pynvml turns into None);
+ * `none` means no process runs. nvmlDeviceGetComputeRunningProcesses_v3 and _v2 follow NVML's
+ * two-call protocol: *infoCount smaller than the number of processes (0 with infos NULL is
+ * allowed) sets *infoCount to that number and returns NVML_ERROR_INSUFFICIENT_SIZE; otherwise
+ * the entries are filled (gpuInstanceId and computeInstanceId 0xFFFFFFFF) and *infoCount set.
+ * (The unversioned v1-struct nvmlDeviceGetComputeRunningProcesses is not exported: pynvml
+ * never looks it up; its unversioned wrapper calls _v3.)
  * One gpu line per device, in index order. A field whose value is `na`, or that is left out,
  * makes its query return NVML_ERROR_NOT_SUPPORTED. lost=1 makes nvmlDeviceGetHandleByIndex_v2
  * and every query on that device (also through a handle taken earlier) return
@@ -48,7 +57,8 @@
 
 #define MAX_GPUS 64
 #define MAX_FILE_BYTES 65536
-#define MAX_TOKEN 256
+#define MAX_TOKEN 2048 /* a processes list can be long */
+#define MAX_PROCS 64
 
 /* Bits of struct nvmlDevice_st.has: a field was given and is not `na`. */
 enum {
@@ -66,7 +76,14 @@ enum {
     F_UTIL_MEM = 1u << 11,
     F_THROTTLE = 1u << 12,
     F_ECC = 1u << 13,
-    F_LOST = 1u << 14 /* lost cannot be na */
+    F_LOST = 1u << 14, /* lost cannot be na */
+    F_PROCS = 1u << 15
+};
+
+/* One compute process: its PID and the GPU memory it uses (ULLONG_MAX: not available). */
+struct fake_proc {
+    unsigned int pid;
+    unsigned long long used;
 };
 
 /* Completes nvml.h's opaque `typedef struct nvmlDevice_st *nvmlDevice_t`. */
@@ -79,6 +96,8 @@ struct nvmlDevice_st {
     unsigned long long total, used, throttle, ecc;
     int cc_major, cc_minor;
     unsigned int mig, power_limit, power, temp, util_gpu, util_mem;
+    unsigned int nprocs;
+    struct fake_proc procs[MAX_PROCS];
 };
 
 typedef struct {
@@ -99,7 +118,7 @@ static unsigned int g_refcount;
 
 /* ------------------------------------------------------------------ reading the scenario */
 
-typedef enum { T_STR, T_U32, T_U64, T_BOOL, T_CC, T_BUS } field_type_t;
+typedef enum { T_STR, T_U32, T_U64, T_BOOL, T_CC, T_BUS, T_PROCS } field_type_t;
 
 typedef struct {
     const char *key;
@@ -127,6 +146,7 @@ static const field_t FIELDS[] = {
     FIELD("util_mem", T_U32, util_mem, F_UTIL_MEM),
     FIELD("throttle", T_U64, throttle, F_THROTTLE),
     FIELD("ecc_uncorrected", T_U64, ecc, F_ECC),
+    FIELD("processes", T_PROCS, nprocs, F_PROCS),
     FIELD("lost", T_BOOL, lost, F_LOST),
 };
 
@@ -154,6 +174,41 @@ static int parse_uint(const char *s, unsigned long long max, unsigned long long 
     errno = 0;
     *out = strtoull(s, &end, base);
     return (errno != 0 || *end != '\0' || *out > max) ? -1 : 0;
+}
+
+/* `none`, or PID:BYTES[,PID:BYTES...] with BYTES a number or `na`. */
+static int parse_procs(const char *v, struct nvmlDevice_st *d)
+{
+    char item[MAX_TOKEN];
+    d->nprocs = 0;
+    if (strcmp(v, "none") == 0)
+        return 0;
+    for (;;) {
+        const char *comma = strchr(v, ',');
+        size_t n = comma != NULL ? (size_t)(comma - v) : strlen(v);
+        char *colon;
+        unsigned long long pid = 0, used = 0;
+        if (d->nprocs >= MAX_PROCS || n == 0 || n >= sizeof item)
+            return -1;
+        memcpy(item, v, n);
+        item[n] = '\0';
+        colon = strchr(item, ':');
+        if (colon == NULL)
+            return -1;
+        *colon = '\0';
+        if (parse_uint(item, UINT_MAX, &pid) != 0)
+            return -1;
+        if (strcmp(colon + 1, "na") == 0)
+            used = ULLONG_MAX; /* NVML_VALUE_NOT_AVAILABLE as unsigned long long */
+        else if (parse_uint(colon + 1, ULLONG_MAX, &used) != 0)
+            return -1;
+        d->procs[d->nprocs].pid = (unsigned int)pid;
+        d->procs[d->nprocs].used = used;
+        d->nprocs++;
+        if (comma == NULL)
+            return 0;
+        v = comma + 1;
+    }
 }
 
 static int parse_value(const field_t *f, const char *v, struct nvmlDevice_st *d)
@@ -204,6 +259,8 @@ static int parse_value(const field_t *f, const char *v, struct nvmlDevice_st *d)
         d->bus = bus;
         d->device = device;
         return 0;
+    case T_PROCS:
+        return parse_procs(v, d);
     }
     return -1;
 }
@@ -478,6 +535,30 @@ HELPER nvmlReturn_t clock_reasons(nvmlDevice_t device, unsigned long long *reaso
     nvmlReturn_t r = begin_device(device, reasons != NULL, F_THROTTLE, &d);
     if (r == NVML_SUCCESS)
         *reasons = d->throttle;
+    return end(r);
+}
+
+/* The two-call protocol of nvmlDeviceGetComputeRunningProcesses_v2/_v3 (same struct). */
+HELPER nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCount,
+                                      nvmlProcessInfo_t *infos)
+{
+    const struct nvmlDevice_st *d = NULL;
+    int args_ok = infoCount != NULL && (infos != NULL || *infoCount == 0);
+    nvmlReturn_t r = begin_device(device, args_ok, F_PROCS, &d);
+    unsigned int i;
+    if (r == NVML_SUCCESS && *infoCount < d->nprocs) {
+        *infoCount = d->nprocs;
+        r = NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    if (r == NVML_SUCCESS) {
+        for (i = 0; i < d->nprocs; i++) {
+            infos[i].pid = d->procs[i].pid;
+            infos[i].usedGpuMemory = d->procs[i].used;
+            infos[i].gpuInstanceId = 0xFFFFFFFFu; /* no MIG instance */
+            infos[i].computeInstanceId = 0xFFFFFFFFu;
+        }
+        *infoCount = d->nprocs;
+    }
     return end(r);
 }
 
@@ -788,5 +869,23 @@ nvmlReturn_t DECLDIR nvmlDeviceGetTotalEccErrors(nvmlDevice_t device,
     if (r == NVML_SUCCESS) /* volatile and aggregate counters read the same */
         *eccCounts = errorType == NVML_MEMORY_ERROR_TYPE_UNCORRECTED ? d->ecc : 0;
     return end(r);
+}
+#endif
+
+#ifndef OMIT_nvmlDeviceGetComputeRunningProcesses_v3
+nvmlReturn_t DECLDIR nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
+                                                             unsigned int *infoCount,
+                                                             nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, infoCount, infos);
+}
+#endif
+
+#ifndef OMIT_nvmlDeviceGetComputeRunningProcesses_v2
+nvmlReturn_t DECLDIR nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device,
+                                                             unsigned int *infoCount,
+                                                             nvmlProcessInfo_v2_t *infos)
+{
+    return running_processes(device, infoCount, infos);
 }
 #endif

@@ -446,6 +446,14 @@ def test_missing_or_unset_config_fails_init(fake_nvml_lib: Path, tmp_path: Path)
         "cuda_version = 12.4",
         "driver_version = 1 2",  # trailing text
         "frobnicate = 1",  # unknown key
+        "gpu processes=1234",  # no bytes
+        "gpu processes=1234:",  # empty bytes
+        "gpu processes=1:2,",  # trailing comma
+        "gpu processes=1:2,,3:4",  # empty item
+        "gpu processes=-1:0",  # negative pid
+        "gpu processes=4294967296:0",  # pid over unsigned int
+        "gpu processes=1:2x",  # junk bytes
+        "gpu processes=" + ",".join(f"{pid}:0" for pid in range(1, 66)),  # over 64
     ],
 )
 def test_malformed_scenario_fails_init(env: dict[str, str], scenario: Path, line: str) -> None:
@@ -462,6 +470,109 @@ def test_malformed_scenario_fails_init(env: dict[str, str], scenario: Path, line
     )
     assert json.loads(result.stdout) == "NVMLError_Unknown"
     assert re.search(r"fake_nvml: .* line 2: ", result.stderr), result.stderr
+
+
+def test_compute_processes_through_pynvml(env: dict[str, str], scenario: Path) -> None:
+    """processes=: pynvml's _v3, _v2 and unversioned calls list them; none is []; na unsupported."""
+    gpus = [
+        FakeGpu(processes=((1234, 104_857_600), (5678, None), (42, 0))),
+        FakeGpu(processes=()),
+        FakeGpu(processes=None),
+    ]
+    write_scenario(scenario, gpus)
+    out = run_pynvml(
+        env,
+        """
+        pynvml.nvmlInit()
+        h = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(3)]
+        def procs(call, handle):
+            found = attempt(call, handle)
+            if isinstance(found, str):
+                return found
+            return [[p.pid, p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId]
+                    for p in found]
+        calls = (pynvml.nvmlDeviceGetComputeRunningProcesses_v3,
+                 pynvml.nvmlDeviceGetComputeRunningProcesses_v2,
+                 pynvml.nvmlDeviceGetComputeRunningProcesses)
+        out = [[procs(call, handle) for call in calls] for handle in h]
+        """,
+    )
+    listed = [
+        [1234, 104_857_600, 0xFFFFFFFF, 0xFFFFFFFF],
+        [5678, None, 0xFFFFFFFF, 0xFFFFFFFF],  # NVML_VALUE_NOT_AVAILABLE: pynvml says None
+        [42, 0, 0xFFFFFFFF, 0xFFFFFFFF],
+    ]
+    assert out == [[listed] * 3, [[]] * 3, ["NVMLError_NotSupported"] * 3]
+
+
+def test_compute_processes_two_call_protocol(env: dict[str, str], scenario: Path) -> None:
+    """A count too small (0 with NULL infos) returns INSUFFICIENT_SIZE and the count needed."""
+    write_scenario(scenario, [FakeGpu(processes=((7, 1), (8, 2))), FakeGpu(processes=())])
+    out = run_pynvml(
+        env,
+        """
+        pynvml.nvmlInit()
+        busy = pynvml.nvmlDeviceGetHandleByIndex(0)
+        empty = pynvml.nvmlDeviceGetHandleByIndex(1)
+        lib = pynvml.nvmlLib
+        def call(name, handle, count, size):
+            n = ctypes.c_uint(count)
+            infos = (pynvml.c_nvmlProcessInfo_v3_t * size)() if size else None
+            code = getattr(lib, name)(handle, ctypes.byref(n), infos)
+            pids = [infos[i].pid for i in range(min(n.value, size))] if code == 0 else []
+            return [code, n.value, pids]
+        v3 = "nvmlDeviceGetComputeRunningProcesses_v3"
+        out = {
+            "ask": call(v3, busy, 0, 0),
+            "short": call(v3, busy, 1, 1),
+            "exact": call(v3, busy, 2, 2),
+            "roomy": call(v3, busy, 9, 9),
+            "v2": call("nvmlDeviceGetComputeRunningProcesses_v2", busy, 0, 0),
+            "empty": call(v3, empty, 0, 0),
+            "null_infos": call(v3, busy, 2, 0),
+            "null_count": lib.nvmlDeviceGetComputeRunningProcesses_v3(busy, None, None),
+        }
+        """,
+    )
+    assert out == {
+        "ask": [7, 2, []],  # NVML_ERROR_INSUFFICIENT_SIZE, the count needed
+        "short": [7, 2, []],
+        "exact": [0, 2, [7, 8]],
+        "roomy": [0, 2, [7, 8]],
+        "v2": [7, 2, []],
+        "empty": [0, 0, []],  # no process: success at the first call
+        "null_infos": [2, 2, []],  # NVML_ERROR_INVALID_ARGUMENT
+        "null_count": 2,
+    }
+
+
+def test_omitted_compute_processes_raise_function_not_found(
+    fake_nvml_lib_factory: Callable[[Sequence[str]], Path], scenario: Path
+) -> None:
+    """A build without the process functions raises FunctionNotFound (unversioned: mismatch)."""
+    lib = fake_nvml_lib_factory(
+        ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
+    )
+    write_scenario(scenario, [FakeGpu(processes=((1, 1),))])
+    out = run_pynvml(
+        os.environ | nvml_env(lib, scenario),
+        """
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        try:
+            pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+            unversioned = "no error"
+        except pynvml.NVMLLibraryMismatchError as error:
+            unversioned = type(error).__name__
+        out = [attempt(pynvml.nvmlDeviceGetComputeRunningProcesses_v3, h),
+               attempt(pynvml.nvmlDeviceGetComputeRunningProcesses_v2, h), unversioned]
+        """,
+    )
+    assert out == [
+        "NVMLError_FunctionNotFound",
+        "NVMLError_FunctionNotFound",
+        "NVMLLibraryMismatchError",
+    ]
 
 
 def test_omitted_function_raises_function_not_found(
@@ -677,6 +788,13 @@ def test_scenario_writer_validates_and_replaces_atomically(tmp_path: Path) -> No
         scenario_text([FakeGpu(temp=-1)])
     with pytest.raises(ValueError, match="init must be one of"):
         scenario_text([], init="sometimes")
+    assert " processes=none " in FakeGpu().line()
+    assert " processes=na " in FakeGpu(processes=None).line()
+    assert " processes=1:2,3:na " in FakeGpu(processes=((1, 2), (3, None))).line()
+    with pytest.raises(ValueError, match="pid"):
+        scenario_text([FakeGpu(processes=((-1, 0),))])
+    with pytest.raises(ValueError, match="at most 64"):
+        scenario_text([FakeGpu(processes=tuple((pid, 0) for pid in range(65)))])
 
 
 def test_nvml_env_prepends_the_library_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
