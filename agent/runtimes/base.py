@@ -12,6 +12,12 @@ ComfyUI ``/interrupt``, SIGINT to a process group) and waits ``cancel_grace`` fo
 cancels the ``run`` coroutine, which must then stop the work before re-raising
 ``CancelledError`` (e.g. SIGKILL the process group). A runtime never swallows
 ``CancelledError``.
+
+Privacy contract: a task whose :attr:`TaskSpec.private` is set (the community pool) is a
+stranger's. The agent's own log then carries ids, codes, counts and sizes only — never
+file names, prompt text, URLs or error details (those go to the task's owner, through
+:meth:`RuntimeEvents.log` and :class:`TaskFailure`) — and a runtime that is also
+:class:`Purging` removes every trace of it once the runner is done with it.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Stream = Literal["stdout", "stderr", "agent"]
+PRIVATE_POOLS = frozenset({"community"})
+"""Pools whose tasks are strangers': kept out of the agent's log and purged afterwards."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,11 @@ class TaskSpec:
     inputs: Mapping[str, Path] = field(default_factory=dict)
     """Parameter key → downloaded input file (inside the workspace)."""
     timeout_s: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """A stranger's task (community pool): log ids, codes and sizes only; purge it after."""
+        return self.pool in PRIVATE_POOLS
 
 
 @dataclass(frozen=True)
@@ -138,4 +151,22 @@ class Runtime(Protocol):
 
     async def close(self) -> None:
         """Release what the runtime holds (stop a supervised process, close clients)."""
+        ...
+
+
+@runtime_checkable
+class Purging(Protocol):
+    """A runtime that can remove what a task left outside its workspace (optional).
+
+    The runner calls :meth:`purge` for every private task once it is finished with it —
+    completed, failed or cancelled, its outputs already uploaded — but not when the agent
+    is going down (a restarted agent resumes the task). Plugin runtimes without it work.
+    """
+
+    async def purge(self, spec: TaskSpec) -> None:
+        """Remove the task's files and records (best effort: never raises but CancelledError).
+
+        Logs counts only. May be called for a task that never ran, or after an agent restart
+        with ``spec.inputs`` empty.
+        """
         ...

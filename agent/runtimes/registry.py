@@ -49,7 +49,7 @@ def _comfyui(settings: Settings) -> Runtime | None:
     config = settings.runtimes.comfyui
     ready = settings.timeouts.runtime_ready_s
     if config.url:
-        return ComfyUIRuntime.attach(config.url, ready_timeout=ready)
+        return ComfyUIRuntime.attach(config.url, ready_timeout=ready, directory=config.directory)
     launch = config.launch
     if launch is None:
         return None
@@ -76,7 +76,12 @@ def _gpu_env(gpu: int | None) -> dict[str, str] | None:
 
 
 def _per_gpu_dirs(base: Path | None, gpu: int | None) -> list[str]:
-    """Separate output and temp directories per instance (file counters must not collide)."""
+    """Separate output and temp directories per instance (file counters must not collide).
+
+    Each server's purge reads its directories back from these arguments (``input/`` stays
+    shared); a ``--output-directory``/``--temp-directory`` in ``launch.args`` comes first and so
+    is overridden here, as ComfyUI's argparse would.
+    """
     if gpu is None or base is None:
         return []
     return [

@@ -6,14 +6,21 @@
              → reporting → done | failed | cancelled
 
 Each stage has a deadline (inputs: ``timeouts.download_s``; preparing + running: the task's
-``timeout_s``, 0 = none; uploading: ``timeouts.upload_s``) and reports its phase to the
-host (journal + session). Outputs are uploaded as soon as the runtime announces them.
-Progress is coalesced and logs are batched and bounded (:mod:`agent.tasks.reporting`).
+``timeout_s``, 0 = none, capped at ``policy.max_duration_s`` for policed pools; uploading:
+``timeouts.upload_s``) and reports its phase to the host (journal + session). Outputs are
+uploaded as soon as the runtime announces them. Progress is coalesced and logs are batched
+and bounded (:mod:`agent.tasks.reporting`).
 
 The runner reports exactly one outcome to its host — complete, fail or cancelled — unless
 it was abandoned (the gateway gave the attempt to someone else), in which case it reports
 nothing. It never raises except ``CancelledError`` when the agent itself is torn down; the
 workspace is then kept so a restarted agent can resume.
+
+A community task (:attr:`TaskSpec.private`) is a stranger's: once its outcome is known (its
+outputs uploaded) and before it is reported, a :class:`~agent.runtimes.base.Purging` runtime
+removes what it left outside the workspace and the workspace goes too — also when it failed,
+was cancelled or abandoned, but not when the agent is going down. The agent's own log names
+only ids, codes and sizes for it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
+import math
 import re
 import shutil
 import time
@@ -47,9 +56,11 @@ from agent.protocol.messages import (
     UploadTarget,
 )
 from agent.runtimes.base import (
+    PRIVATE_POOLS,
     Injection,
     Output,
     Progress,
+    Purging,
     Runtime,
     Stream,
     TaskFailure,
@@ -72,6 +83,8 @@ log = structlog.get_logger("agent.runner")
 T = TypeVar("T")
 LOG_FLUSH_S = 0.5
 URL_REFRESHES = 3
+PURGE_TIMEOUT_S = 60.0
+"""The most a runtime's purge of a private task may take (it is best effort)."""
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
@@ -138,6 +151,8 @@ class TaskRunner:
     _timings: dict[str, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _upload_failure: TaskFailure | None = None
+    _spec: TaskSpec | None = None
+    _deadline: float | None = None
 
     def __post_init__(self) -> None:
         """Derive the task reference, workspace and rate limiters."""
@@ -149,6 +164,17 @@ class TaskRunner:
         if self.resume is not None:
             self._handle = dict(self.resume.handle)
             self._uploaded = {o.key: o for o in self.resume.outputs}
+        self.private = self.assign.pool.value in PRIVATE_POOLS
+        """A stranger's task (see :attr:`TaskSpec.private`)."""
+        self.limit_s, self._limit_name = self._duration_limit()
+
+    def _duration_limit(self) -> tuple[float, str]:
+        """How long preparing + running may take, and what sets it (for the failure message)."""
+        timeout = self.assign.timeout_s if self.assign.timeout_s > 0 else math.inf
+        policy = self.settings.policy
+        if policy.applies(self.assign.pool.value) and policy.max_duration_s < timeout:
+            return policy.max_duration_s, f"policy.max_duration_s of {policy.max_duration_s:g} s"
+        return timeout, f"its timeout of {timeout:g} s"
 
     # ------------------------------------------------------------------ control
 
@@ -175,7 +201,11 @@ class TaskRunner:
         keep_workspace = False
         pump = asyncio.ensure_future(self._pump())
         try:
-            await self._outcome()
+            report = await self._outcome()
+            if self.private:  # nothing of a stranger's task is left when its end is reported
+                await self._purge()
+                await asyncio.to_thread(shutil.rmtree, self.workspace, ignore_errors=True)
+            report()
         except asyncio.CancelledError:
             keep_workspace = True  # the agent is going down: a restart resumes from here
             raise
@@ -184,23 +214,33 @@ class TaskRunner:
             if not keep_workspace:
                 await asyncio.to_thread(shutil.rmtree, self.workspace, ignore_errors=True)
 
-    async def _outcome(self) -> None:
+    async def _outcome(self) -> Callable[[], None]:
+        """Run the stages; return how to report their outcome (called once, after a purge)."""
         try:
             outputs = await self._stages()
         except TaskFailure as failure:
-            self._report_failure(failure)
+            return functools.partial(self._report_failure, failure)
         except _Stopped as stopped:
-            self._flush_reports(final=True)
-            if not self._abandoned:
-                self.host.cancelled(self.ref, stopped.reason, self._done(), self._timing())
+            return functools.partial(self._report_cancelled, stopped.reason)
         except Exception as exc:  # a bug must fail the task, not the agent
-            log.exception("task runner failed", task_id=self.ref.task_id)
-            self._report_failure(
-                TaskFailure("internal_error", f"agent error: {type(exc).__name__}")
-            )
-        else:
-            self._flush_reports(final=True)
-            self.host.complete(self.ref, outputs, self._timing())
+            if self.private:  # a traceback quotes paths and values of a stranger's task
+                log.error(  # noqa: TRY400 - deliberately without the traceback
+                    "task runner failed", task_id=self.ref.task_id, error=type(exc).__name__
+                )
+            else:
+                log.exception("task runner failed", task_id=self.ref.task_id)
+            bug = TaskFailure("internal_error", f"agent error: {type(exc).__name__}")
+            return functools.partial(self._report_failure, bug)
+        return functools.partial(self._report_complete, outputs)
+
+    def _report_complete(self, outputs: list[OutputFile]) -> None:
+        self._flush_reports(final=True)
+        self.host.complete(self.ref, outputs, self._timing())
+
+    def _report_cancelled(self, reason: str) -> None:
+        self._flush_reports(final=True)
+        if not self._abandoned:
+            self.host.cancelled(self.ref, reason, self._done(), self._timing())
 
     def _report_failure(self, failure: TaskFailure) -> None:
         self._flush_reports(final=True)
@@ -213,9 +253,21 @@ class TaskRunner:
         log.info("task failed", task_id=self.ref.task_id, code=error.code)
         self.host.fail(self.ref, error, self._done(), self._timing())
 
+    async def _purge(self) -> None:
+        """Have the runtime remove a private task's traces outside the workspace (best effort)."""
+        if not self.private or not isinstance(self.runtime, Purging):
+            return
+        try:
+            await asyncio.wait_for(
+                self.runtime.purge(self._spec or self._make_spec({})), PURGE_TIMEOUT_S
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed purge must not fail the agent
+            log.warning("task purge failed", task_id=self.ref.task_id, error=type(exc).__name__)
+
     async def _stages(self) -> list[OutputFile]:
         phase = self.resume.phase if self.resume else TaskPhase.ACCEPTED
-        deadline = self.clock() + self.assign.timeout_s if self.assign.timeout_s > 0 else None
+        deadline = self.clock() + self.limit_s if math.isfinite(self.limit_s) else None
+        self._deadline = deadline
         if phase is TaskPhase.UPLOADING and "outputs" in self._handle:
             # restarted while uploading: the outputs are on disk, only the uploads remain
             listed = self._handle["outputs"]
@@ -244,7 +296,12 @@ class TaskRunner:
         download_deadline = self.clock() + self.settings.timeouts.download_s
         limit = min(filter(None, (deadline, download_deadline)))
         inputs = await self._guard(self._download_inputs(inputs_dir), limit, "input download")
-        spec = TaskSpec(
+        spec = self._spec = self._make_spec(inputs)
+        await self._guard(self.runtime.prepare(spec, self.workspace), deadline, "preparation")
+        return spec
+
+    def _make_spec(self, inputs: dict[str, Path]) -> TaskSpec:
+        return TaskSpec(
             task_id=self.ref.task_id,
             attempt=self.ref.attempt,
             tool=self.assign.tool.value,
@@ -254,8 +311,6 @@ class TaskRunner:
             inputs=inputs,
             timeout_s=self.assign.timeout_s,
         )
-        await self._guard(self.runtime.prepare(spec, self.workspace), deadline, "preparation")
-        return spec
 
     async def _download_inputs(self, inputs_dir: Path) -> dict[str, Path]:
         paths: dict[str, Path] = {}
@@ -320,9 +375,7 @@ class TaskRunner:
         if self._upload_failure is not None:
             raise self._upload_failure
         if outcome == "timeout":
-            raise TaskFailure(
-                "timeout", f"the task exceeded its timeout of {self.assign.timeout_s:g} s"
-            )
+            raise TaskFailure("timeout", f"the task exceeded {self._limit_name}")
         raise _Stopped(self._stop_reason)
 
     def _result(self, work: asyncio.Future[list[Output] | None]) -> list[Output]:
@@ -571,6 +624,8 @@ class TaskRunner:
             return work.result()
         await _cancel_and_wait(work)
         if outcome == "timeout":
+            if deadline is not None and deadline == self._deadline:
+                raise TaskFailure("timeout", f"the {stage} stage exceeded {self._limit_name}")
             raise TaskFailure("timeout", f"the {stage} stage exceeded its deadline")
         raise _Stopped(self._stop_reason)
 

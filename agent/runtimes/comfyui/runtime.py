@@ -14,7 +14,17 @@ Attach to ``runtimes.comfyui.url`` or launch and supervise ComfyUI
   ``executing {node: null}``, and polled when the WebSocket drops);
 - **interrupt**: ``/interrupt`` when running, ``/queue`` delete when pending;
 - **resume**: a prompt still queued or running is followed again; a finished one has its
-  outputs collected; a prompt ComfyUI no longer knows cannot be resumed.
+  outputs collected; a prompt ComfyUI no longer knows cannot be resumed;
+- **purge** (community tasks, :class:`~agent.runtimes.base.Purging`): the inputs uploaded
+  for the prompt (remembered, and after a restart found by their ``<prompt_id[:8]>-`` name
+  prefix), every ``output``/``temp`` file its ``/history`` entry (or an ``executed`` event)
+  names, and the history entry itself are removed. Files only where the server's
+  directories are known (launch mode; ``runtimes.comfyui.directory`` when attached), each
+  path checked to lie inside its directory (:mod:`~agent.runtimes.comfyui.cleanup`).
+
+Private (community) tasks log ids and counts only, and the launched ComfyUI's own output is
+kept out of the agent's log while their prompt holds the server (it prints file names and
+error details).
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ from agent.runtimes.base import (
     TaskInterrupted,
     TaskSpec,
 )
+from agent.runtimes.comfyui.cleanup import Removed, remove_prompt_files
 from agent.runtimes.comfyui.client import ComfyClient, ComfyError, EventStream, PromptRejectedError
-from agent.runtimes.comfyui.servers import ServerPool
+from agent.runtimes.comfyui.servers import Server, ServerPool
 from agent.runtimes.comfyui.workflow import (
     OutputRef,
     apply_injections,
@@ -61,7 +72,18 @@ SILENCE_S = 5.0
 """After this long without a WebSocket event, ``/history`` is asked whether the prompt ended."""
 WS_REGISTER_S = 10.0
 HISTORY_AFTER_SUCCESS_S = 10.0
+PURGE_SETTLE_S = 10.0
+"""How long a purge waits for a prompt still running (interrupted) to end before removing."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class _Trace:
+    """What a private prompt left in ComfyUI, for :meth:`ComfyUIRuntime.purge`."""
+
+    server: Server | None = None
+    uploaded: set[str] = field(default_factory=set)
+    refs: set[OutputRef] = field(default_factory=set)
 
 
 @dataclass
@@ -76,6 +98,8 @@ class _Run:
     """Nodes in the prompt: progress is node-level, refined by a node's own steps."""
     done: set[str] = field(default_factory=set)
     """Nodes finished or taken from ComfyUI's cache."""
+    trace: _Trace | None = None
+    """Set for a private task: every file seen is remembered for the purge."""
 
 
 class ComfyUIRuntime:
@@ -93,13 +117,24 @@ class ComfyUIRuntime:
         """``/system_stats`` devices (name, type, vram_total, vram_free) of the first server."""
         self._object_info: tuple[float, dict[str, Any]] | None = None
         self._graphs: dict[str, dict[str, Any]] = {}
+        self._traces: dict[str, _Trace] = {}
+        """Private prompts not yet purged."""
 
     @classmethod
     def attach(
-        cls, url: str, *, headers: Mapping[str, str] | None = None, ready_timeout: float = 120.0
+        cls,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ready_timeout: float = 120.0,
+        directory: Path | None = None,
     ) -> ComfyUIRuntime:
-        """Use a ComfyUI someone else runs (``headers``: e.g. a cloud API key)."""
-        return cls(ServerPool.attach(url, headers), ready_timeout=ready_timeout)
+        """Use a ComfyUI someone else runs (``headers``: e.g. a cloud API key).
+
+        ``directory`` is its base directory (``input/``, ``output/``, ``temp/``), where a
+        purge removes files; without it a purge only forgets the history entry.
+        """
+        return cls(ServerPool.attach(url, headers, directory), ready_timeout=ready_timeout)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,9 +187,12 @@ class ComfyUIRuntime:
             await self.prepare(spec, workspace)
         graph = self._graphs.pop(prompt_id)
         client = await self.pool.acquire(prompt_id)
+        trace = self._trace(spec, prompt_id)
         try:
-            graph = apply_injections(graph, await self._upload_inputs(client, spec, prompt_id))
+            uploads = await self._upload_inputs(client, spec, prompt_id, trace)
+            graph = apply_injections(graph, uploads)
             run = _Run(prompt_id, workspace / "outputs", events, client, nodes=len(graph))
+            run.trace = trace
             run.workspace.mkdir(parents=True, exist_ok=True)
             events.handle({"prompt_id": prompt_id})
             async with _events_or_none(client, prompt_id) as stream:
@@ -168,16 +206,30 @@ class ComfyUIRuntime:
         finally:
             await self.pool.release(prompt_id)
 
+    def _trace(self, spec: TaskSpec, prompt_id: str) -> _Trace | None:
+        """Start remembering a private prompt's files (and keep ComfyUI's output private)."""
+        if not spec.private:
+            return None
+        trace = self._traces.setdefault(prompt_id, _Trace())
+        trace.server = self.pool.server_of(prompt_id) or trace.server
+        if trace.server is not None and trace.server.process is not None:
+            trace.server.process.withhold(prompt_id)
+        return trace
+
     async def _upload_inputs(
-        self, client: ComfyClient, spec: TaskSpec, prompt_id: str
+        self, client: ComfyClient, spec: TaskSpec, prompt_id: str, trace: _Trace | None
     ) -> list[Injection]:
         """Upload file inputs to the server's input/ and inject their names there."""
         injections = []
         for injection in spec.injections:
             if injection.type == "file" and injection.key in spec.inputs:
                 path = spec.inputs[injection.key]
-                name = f"{prompt_id[:8]}-{_UNSAFE.sub('_', path.name)}"
+                name = f"{_input_prefix(prompt_id)}{_UNSAFE.sub('_', path.name)}"
+                if trace is not None:
+                    trace.uploaded.add(name)  # before: the upload may land, its answer not
                 uploaded = await self._comfy(client.upload_image(path, name))
+                if trace is not None:
+                    trace.uploaded.add(uploaded)
                 injections.append(replace(injection, value=uploaded))
         return injections
 
@@ -217,6 +269,7 @@ class ComfyUIRuntime:
         await self.pool.adopt(prompt_id, client)
         try:
             run = _Run(prompt_id, workspace / "outputs", events, client)
+            run.trace = self._trace(spec, prompt_id)
             run.workspace.mkdir(parents=True, exist_ok=True)
             log.info("re-attached to a ComfyUI prompt", prompt_id=prompt_id)
             return await self._finish(run)
@@ -326,6 +379,8 @@ class ComfyUIRuntime:
 
     async def _collect(self, run: _Run, outputs: Mapping[str, Any]) -> None:
         for ref in output_refs(outputs):
+            if run.trace is not None:
+                run.trace.refs.add(ref)
             if ref.key in run.collected or ref.kind == "temp":
                 continue
             dest = run.workspace / _file_name(ref)
@@ -333,6 +388,81 @@ class ComfyUIRuntime:
             output = Output(ref.key, dest, _content_type(ref.filename))
             run.collected[ref.key] = output
             run.events.output(output)
+
+    # ------------------------------------------------------------------ purging
+
+    async def purge(self, spec: TaskSpec) -> None:
+        """Remove the prompt's inputs, outputs, temp files and history entry (best effort).
+
+        See the module docstring. Never raises but ``CancelledError``; logs counts only.
+        """
+        prompt_id = prompt_id_for(spec.task_id, spec.attempt)
+        self._graphs.pop(prompt_id, None)
+        trace = self._traces.pop(prompt_id, None) or _Trace()
+        servers = [trace.server] if trace.server is not None else list(self.pool.servers)
+        total, forgotten = Removed(), 0
+        try:
+            for server in servers:
+                removed, deleted = await self._purge_on(server, prompt_id, trace)
+                forgotten += deleted
+                total.add(removed)
+        except Exception:  # noqa: BLE001 - best effort; the details may be a stranger's
+            log.warning("ComfyUI purge incomplete", task_id=spec.task_id, prompt_id=prompt_id)
+        finally:
+            for server in self.pool.servers:
+                if server.process is not None:
+                    server.process.forward(prompt_id)
+        log.info(
+            "ComfyUI prompt purged",
+            task_id=spec.task_id,
+            prompt_id=prompt_id,
+            inputs=total.inputs,
+            outputs=total.outputs,
+            temp=total.temp,
+            refused=total.refused,
+            failed=total.failed,
+            history_deleted=forgotten,
+            files_known=all(server.directories is not None for server in servers),
+        )
+
+    async def _purge_on(self, server: Server, prompt_id: str, trace: _Trace) -> tuple[Removed, int]:
+        """Purge the prompt on one server: (files removed, history entries deleted)."""
+        client = server.client
+        refs = set(trace.refs)
+        with contextlib.suppress(ComfyError):
+            await self._settle(client, prompt_id)
+        entry = None
+        with contextlib.suppress(ComfyError):
+            entry = await client.history(prompt_id)
+        if entry is not None:
+            refs.update(output_refs(entry.get("outputs") or {}))
+        removed = Removed()
+        if server.directories is not None:
+            removed = await asyncio.to_thread(
+                remove_prompt_files,
+                server.directories,
+                trace.uploaded,
+                refs,
+                _input_prefix(prompt_id),
+            )
+        if entry is None:
+            return removed, 0
+        try:
+            await client.delete_history(prompt_id)
+        except ComfyError:
+            return removed, 0
+        return removed, 1
+
+    async def _settle(self, client: ComfyClient, prompt_id: str) -> None:
+        """A prompt still queued is dropped; one still running is interrupted and awaited."""
+        state = await client.queue_state(prompt_id)
+        if state == "pending":
+            await client.delete_pending(prompt_id)
+        elif state == "running":
+            await client.interrupt(prompt_id)
+            with contextlib.suppress(TimeoutError, TaskFailure):
+                async with asyncio.timeout(PURGE_SETTLE_S):
+                    await self._history_when_done(client, prompt_id)
 
     async def node_catalog(self) -> dict[str, Any]:
         """``/object_info`` (cached for ``OBJECT_INFO_TTL_S``): the policy engine reads it."""
@@ -376,6 +506,11 @@ def _progress(data: Mapping[str, Any], run: _Run) -> Progress:
         step_current=value if maximum else None,
         step_total=maximum or None,
     )
+
+
+def _input_prefix(prompt_id: str) -> str:
+    """How the names of a prompt's uploaded inputs begin (found again after a restart)."""
+    return f"{prompt_id[:8]}-"
 
 
 def _file_name(ref: OutputRef) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
+from agent.runtimes.comfyui.cleanup import ComfyDirectories
 from agent.runtimes.comfyui.client import ComfyClient, ComfyError
 from agent.runtimes.comfyui.supervisor import ComfyProcess
 
@@ -26,6 +28,8 @@ class Server:
 
     client: ComfyClient
     process: ComfyProcess | None = None
+    directories: ComfyDirectories | None = None
+    """Its ``input/``, ``output/``, ``temp/`` (``None``: an attached ComfyUI of unknown place)."""
     supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self, ready_timeout: float) -> None:
@@ -75,14 +79,20 @@ class ServerPool:
         self._changed = asyncio.Condition()
 
     @classmethod
-    def attach(cls, url: str, headers: Mapping[str, str] | None = None) -> ServerPool:
-        """One ComfyUI that someone else runs."""
-        return cls([Server(ComfyClient(url, headers=headers))])
+    def attach(
+        cls,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        directory: Path | None = None,
+    ) -> ServerPool:
+        """One ComfyUI that someone else runs (``directory``: its base directory, if known)."""
+        directories = ComfyDirectories.under(directory) if directory is not None else None
+        return cls([Server(ComfyClient(url, headers=headers), directories=directories)])
 
     @classmethod
     def launch(cls, processes: Sequence[ComfyProcess]) -> ServerPool:
-        """Supervised ComfyUIs, one per process."""
-        return cls([Server(ComfyClient(p.url), p) for p in processes])
+        """Supervised ComfyUIs, one per process (directories taken from their arguments)."""
+        return cls([Server(ComfyClient(p.url), p, directories=p.directories) for p in processes])
 
     @property
     def any(self) -> ComfyClient:
@@ -98,6 +108,10 @@ class ServerPool:
                 else:
                     await self._changed.wait()
             return self._held[prompt_id].client
+
+    def server_of(self, prompt_id: str) -> Server | None:
+        """The server holding ``prompt_id``, if any."""
+        return self._held.get(prompt_id)
 
     def held(self, prompt_id: str) -> ComfyClient | None:
         """The server running ``prompt_id``, if any."""

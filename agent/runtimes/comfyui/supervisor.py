@@ -9,6 +9,11 @@ The child gets the agent's environment less what would redirect its interpreter
 (``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``, ``VIRTUAL_ENV``: ComfyUI runs in its
 own venv), and a ``base_directory`` gets the ``custom_nodes`` folder ComfyUI insists on.
 A start-up that fails logs the last lines ComfyUI printed.
+
+ComfyUI's output goes to the agent's log (at debug level) except while a community prompt
+holds the server (:meth:`ComfyProcess.withhold`): ComfyUI prints validation errors with
+input file names (``Invalid image file: <name>``), exception messages and tracebacks that
+quote a node's inputs, so those lines are only counted until :meth:`ComfyProcess.forward`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import stamina
 import structlog
 
 from agent.errors import AgentError
+from agent.runtimes.comfyui.cleanup import ComfyDirectories, directories_from_argv
 from agent.runtimes.process import ManagedProcess, Stream
 
 log = structlog.get_logger("agent.comfyui")
@@ -76,6 +82,24 @@ class ComfyProcess:
         self.exited = asyncio.Event()
         self.restarts = 0
         self._process: ManagedProcess | None = None
+        self._private: set[str] = set()
+        self._withheld = 0
+
+    @property
+    def directories(self) -> ComfyDirectories:
+        """The ``input/``, ``output/`` and ``temp/`` this server uses (from its arguments)."""
+        return directories_from_argv(self.argv[2:], self.cwd)
+
+    def withhold(self, key: str) -> None:
+        """Keep ComfyUI's output out of the agent's log while ``key`` (a private prompt) runs."""
+        self._private.add(key)
+
+    def forward(self, key: str) -> None:
+        """``key`` is over (purged); forward ComfyUI's output again once no private one is left."""
+        self._private.discard(key)
+        if not self._private and self._withheld:
+            log.debug("ComfyUI output withheld during community prompts", lines=self._withheld)
+            self._withheld = 0
 
     @property
     def pid(self) -> int | None:
@@ -149,5 +173,8 @@ class ComfyProcess:
             await self._process.stop(interrupt_grace=5, term_grace=5)
 
     def _line(self, stream: Stream, line: str) -> None:
+        if self._private:
+            self._withheld += 1
+            return
         self.tail.append(line[:500])
         log.debug("comfyui", stream=stream, line=line[:500])

@@ -12,6 +12,7 @@ Outputs: ``train.config.0`` (config.yml), ``export.<kind>.<n>`` files, and, when
 ``runtimes.nerfstudio.keep_checkpoint`` is set, ``train.checkpoint.0``. Exit status 2 is
 "bad arguments", anything else non-zero a stage failure, both with the last log lines.
 Cancel: SIGINT to the stage's group → grace → SIGTERM → grace → SIGKILL; nothing survives.
+Purge (community tasks) has nothing to do beyond the workspace the runner deletes.
 """
 
 from __future__ import annotations
@@ -161,6 +162,13 @@ class NerfstudioRuntime:
             await asyncio.to_thread(kill_orphan_group, identity, term_grace=self.term_grace)
         log.info("a nerfstudio stage cannot be re-attached", task_id=spec.task_id)
         return None
+
+    async def purge(self, spec: TaskSpec) -> None:
+        """Nothing to remove: every stage works inside the workspace, which the runner deletes.
+
+        (``TORCH_HOME`` holds shared pretrained weights, not task data.)
+        """
+        self._current.pop(_key(spec), None)
 
     # ------------------------------------------------------------------ stages
 
