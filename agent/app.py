@@ -18,15 +18,17 @@ import platform
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import structlog
 
 from agent import __version__, hardware
+from agent.community import Gate, community_gate
 from agent.control.connection import Connection
 from agent.errors import AgentError
-from agent.health import GpuMonitor, GpuPolicy, GpuState
+from agent.health import GpuMonitor, GpuPolicy, GpuState, process_tree
 from agent.lifecycle import Lifecycle, Phase
 from agent.metrics import Metrics
 from agent.observe import ObserveServer
@@ -83,6 +85,7 @@ class Agent:
         self.runtimes = load_runtimes(settings)
         self.gpus = GpuMonitor(GpuPolicy.of(settings.gpu))
         self.gpu_state = GpuState()
+        self.community = self._community_gate()
         self.healthy: frozenset[str] | None = None
         """Runtimes that passed their last health check (``None``: not checked yet)."""
         self.metrics = Metrics()
@@ -111,9 +114,12 @@ class Agent:
         caps = {Pool.TEAM: slots}
         community = settings.pools.community
         if community.enabled:
-            caps[Pool.COMMUNITY] = min(community.max_concurrent, slots)
+            caps[Pool.COMMUNITY] = min(self.community.cap, slots)
         timeouts = settings.timeouts
+        pools = frozenset({Pool.COMMUNITY})
         return SessionConfig(
+            preemptible=pools if community.enabled and community.preempt else frozenset(),
+            exclusive=pools if community.enabled and community.only_when_idle else frozenset(),
             agent_id=self.agent_id,
             agent_version=__version__,
             slots=slots,
@@ -204,6 +210,7 @@ class Agent:
             )
             self.manager.on_sync = self.syncer.offer
             self.manager.missing_models = self.syncer.missing
+            self.manager.cached_models = self._cached_models
             # late-bound: gpu_state is replaced by every sample
             self.manager.vram_refusal = lambda need_gb: self.gpu_state.vram_refusal(need_gb)  # noqa: PLW0108
             self.manager.recover()
@@ -268,12 +275,37 @@ class Agent:
                 log.info("GPU healthy again", gpu=index)
             self.gpu_state = state
             self._publish()  # refreshes free VRAM for the next hello; status only on change
+            self._gate_community()
             snapshots = state.snapshots()
             resources = hardware.resources(self.settings.work_dir, snapshots)
             self.session.set_resources(resources, self.sync_progress)
             self.metrics.gpus(snapshots)
             self._count_slots()
             await asyncio.sleep(self.settings.timeouts.heartbeat_s)  # a sampling period
+
+    def _community_gate(self) -> Gate:
+        running = bool(getattr(self, "manager", None) and self.manager.runners)
+        return community_gate(
+            self.settings.pools.community,
+            datetime.now(UTC),
+            self.gpu_state,
+            own_pids=process_tree(os.getpid()),
+            tasks_running=running,
+        )
+
+    def _gate_community(self) -> None:
+        """Open or close the community pool (hours, idleness); log each change."""
+        if not self.settings.pools.community.enabled:
+            return
+        gate, was = self._community_gate(), self.community
+        self.community = gate
+        if gate.reason != was.reason:
+            if gate.reason:
+                log.info("community pool closed", reason=gate.reason)
+            else:
+                log.info("community pool open", max_concurrent=gate.cap)
+        cap = min(gate.cap, self.session.config.slots)
+        self.manager.perform(self.session.set_pool_cap(Pool.COMMUNITY, cap, time.monotonic()))
 
     async def _sample_gpus(self, sample: Callable[[], GpuState]) -> GpuState:
         """Run an NVML sample off the event loop; a hung one reads as NVML not answering."""
@@ -386,6 +418,13 @@ class Agent:
         if progress is None or was is None:  # started, or done (the models held changed)
             self._publish()
 
+    def _cached_models(self) -> list[str]:
+        """Model file names of the team's set that the cache holds (the policy allows them)."""
+        syncer = self.syncer
+        if syncer is None:
+            return []
+        return [s.model_path for s in syncer.specs.values() if syncer.cache.has(s.sha256)]
+
     def _models_in_use(self) -> set[str]:
         """Content hashes that running tasks need (never evicted)."""
         if self.syncer is None:
@@ -459,6 +498,12 @@ class Agent:
                 s.model_dump(mode="json", exclude_none=True) for s in self.gpu_state.snapshots()
             ],
             "nvml": self.gpu_state.nvml or "ok",
+            "community": {
+                "enabled": self.settings.pools.community.enabled,
+                "open": self.settings.pools.community.enabled and not self.community.reason,
+                "closed_reason": self.community.reason or None,
+            },
+            "contribution": self.metrics.contribution(),
         }
 
     def _count_slots(self) -> None:

@@ -539,7 +539,21 @@ def _status_table(state: dict[str, Any]) -> str:
     rows += [(f"gpu {g['index']}", _gpu_line(g)) for g in state["gpus"]]
     if not state["gpus"]:
         rows.append(("gpu", f"none ({state['nvml']})"))
-    return "\n".join(f"{name:<8}  {value}" for name, value in rows)
+    community = state.get("community") or {}
+    if community.get("enabled"):
+        closed = community.get("closed_reason")
+        rows.append(("community", f"closed: {closed}" if closed else "open"))
+    rows += [
+        (pool, _contribution_line(totals))
+        for pool, totals in (state.get("contribution") or {}).items()
+    ]
+    return "\n".join(f"{name:<9}  {value}" for name, value in rows)
+
+
+def _contribution_line(totals: dict[str, float]) -> str:
+    """``12 completed, 1 failed, 0 cancelled, 2 preempted, 1.5 GPU-hours`` (since start)."""
+    counts = ", ".join(f"{totals.get(k, 0):.0f} {k}" for k in totals if k != "gpu_seconds")
+    return f"{counts}, {totals.get('gpu_seconds', 0) / 3600:.2f} GPU-hours (since start)"
 
 
 def _gpu_line(gpu: dict[str, Any]) -> str:

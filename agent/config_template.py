@@ -62,13 +62,47 @@ _TEMPLATE = """\
 #     hours: []
 ##    IANA time zone of `hours`, e.g. Europe/Berlin.
 #     timezone: UTC
-##    Take community tasks only while no team task runs.
+##    Take community tasks only while idle: no team task runs, every GPU is below
+##    idle_max_utilization percent busy and (idle_check_processes) runs no process that
+##    is not the agent's.
 #     only_when_idle: false
-##    Let team tasks preempt (cancel) running community tasks.
+#     idle_max_utilization: 10.0
+#     idle_check_processes: true
+##    Let team tasks preempt (cancel, reason "preempted", re-queued) community tasks.
 #     preempt: false
+
+## The policy engine: community tasks (and team tasks with team: true) are checked before
+## they are accepted; a violation rejects them with policy_denied. See docs/community.md.
+# policy:
+#   team: false
+##  Longest a policed task may run; a longer timeout is refused, none gets this one.
+#   max_duration_s: 3600.0
+#   comfyui:
+##    Node classes allowed besides ComfyUI's built-in nodes, and built-ins refused anyway.
+#     allow_nodes: []
+#     deny_nodes: []
+##    Limits on literal inputs (width/height, width x height, batch_size, steps, frames,
+##    seconds, upscale factors).
+#     max_side: 2048
+#     max_pixels: 4194304
+#     max_batch_size: 4
+#     max_steps: 100
+#     max_frames: 240
+#     max_seconds: 60.0
+#     max_scale: 4.0
+##    Model files usable besides those in the agent's model cache.
+#     allow_models: []
+#   nerfstudio:
+#     methods: [splatfacto, splatfacto-big, nerfacto, nerfacto-big, nerfacto-huge]
+##    train.options / train.dataparser keys allowed; null = all the spec allows.
+#     allow_options: null
+#     max_iterations: 30000
+#     max_points: 2000000
+#     max_frames: 300
 
 ## Runtimes. ComfyUI: attach to a running instance with
 ##     url: http://127.0.0.1:8188
+##     directory: /opt/ComfyUI   (its base directory; required with the community pool)
 ## or let the agent launch it (set url or launch, not both; neither disables ComfyUI):
 # runtimes:
 #   comfyui:

@@ -6,8 +6,11 @@ Names (all prefixed ``cyberun_agent_``):
 - ``info{version, agent_id}`` 1;
 - ``connected`` 0/1, ``reconnects_total`` (sessions after the first);
 - ``status{status}`` 1 for the current agent status, 0 for the others;
-- ``tasks_total{outcome, pool}``: ``completed``, ``failed``, ``cancelled`` (reported once per
-  attempt); ``rejections_total{reason}``: assignments refused (``insufficient_vram``…);
+- ``tasks_total{outcome, pool}``: ``completed``, ``failed``, ``cancelled``, ``preempted`` (a
+  community task stopped for a team task; reported once per attempt);
+  ``gpu_seconds_total{pool}``: seconds tasks spent running (the ``run`` stage, one GPU each) —
+  what the owner contributed to each pool; ``rejections_total{reason}``: assignments refused
+  (``insufficient_vram``, ``policy_denied``…);
 - ``stage_seconds{stage}`` histograms: ``queued``, ``prepare``, ``run``, ``upload``;
 - ``uploaded_bytes_total``, ``upload_retries_total``;
 - ``slots{pool}`` and ``slots_busy{pool}``;
@@ -25,7 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from agent.protocol.messages import AgentStatus, GpuSnapshot, Timings
 
 PREFIX = "cyberun_agent"
-OUTCOMES = ("completed", "failed", "cancelled")
+OUTCOMES = ("completed", "failed", "cancelled", "preempted")
+POOLS = ("team", "community")
 STAGES = ("queued", "prepare", "run", "upload")
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -51,6 +55,12 @@ class Metrics:
         self._tasks = Counter(
             f"{PREFIX}_tasks", "Task attempts by outcome", ["outcome", "pool"], registry=registry
         )
+        self._gpu_seconds = Counter(
+            f"{PREFIX}_gpu_seconds", "Seconds tasks ran, by pool", ["pool"], registry=registry
+        )
+        self._contribution: dict[str, dict[str, float]] = {
+            pool: {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0} for pool in POOLS
+        }
         self._rejections = Counter(
             f"{PREFIX}_rejections", "Assignments refused, by reason", ["reason"], registry=registry
         )
@@ -89,6 +99,10 @@ class Metrics:
         self._sessions = 0
         for stage in STAGES:
             self._stages.labels(stage=stage)
+        for pool in POOLS:
+            self._gpu_seconds.labels(pool=pool)
+            for outcome in OUTCOMES:
+                self._tasks.labels(outcome=outcome, pool=pool)
 
     # ------------------------------------------------------------------ events
 
@@ -112,12 +126,23 @@ class Metrics:
     def task_finished(self, outcome: str, pool: str, timings: Timings | None = None) -> None:
         """One attempt reported (or one assignment rejected)."""
         self._tasks.labels(outcome=outcome, pool=pool).inc()
+        totals = self._contribution.setdefault(
+            pool, {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0}
+        )
+        totals[outcome] = totals.get(outcome, 0.0) + 1
         if timings is None:
             return
+        if timings.run_s is not None and timings.run_s > 0:
+            self._gpu_seconds.labels(pool=pool).inc(timings.run_s)
+            totals["gpu_seconds"] += timings.run_s
         for stage in STAGES:
             seconds = getattr(timings, f"{stage}_s")
             if seconds is not None:
                 self._stages.labels(stage=stage).observe(seconds)
+
+    def contribution(self) -> dict[str, dict[str, float]]:
+        """Per pool: attempts by outcome and GPU-seconds, since the agent started."""
+        return {pool: dict(totals) for pool, totals in self._contribution.items()}
 
     def rejected(self, reason: str) -> None:
         """An assignment was refused."""

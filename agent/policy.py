@@ -66,6 +66,9 @@ from agent.settings import ComfyUIPolicy, NerfstudioPolicy, PolicySettings
 
 BUILT_IN_MODULE = "nodes"
 BUILT_IN_PREFIX = "comfy_extras."
+#: Built-in nodes that read a whole folder of ComfyUI's input/ (other tasks' files): refused
+#: unless the owner lists them in ``policy.comfyui.allow_nodes``.
+SHARED_FOLDER_READERS = frozenset({"LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder"})
 NUMBER_PRIMITIVES = frozenset({"PrimitiveInt", "PrimitiveFloat"})
 STRING_PRIMITIVES = frozenset({"PrimitiveString", "PrimitiveStringMultiline"})
 MODEL_EXTENSIONS = frozenset(
@@ -262,6 +265,12 @@ def _node_class(node: _Node, context: _Context) -> Violation | None:
             f"{node.where}: the class is not in ComfyUI's node catalog (not installed)",
         )
     module = str(info.get("python_module") or "")
+    if node.class_type in SHARED_FOLDER_READERS:
+        return Violation(
+            "comfyui.nodes",
+            f"{node.where}: reads a folder of ComfyUI's input/ (other tasks' files); "
+            "allowed only through policy.comfyui.allow_nodes",
+        )
     if module == BUILT_IN_MODULE or module.startswith(BUILT_IN_PREFIX):
         return None
     return Violation(

@@ -393,7 +393,7 @@ class ComfyUIPolicy(BaseModel):
     max_side: int = Field(default=2048, ge=1)
     """Largest ``width``/``height`` (pixels)."""
     max_pixels: int = Field(default=4_194_304, ge=1)
-    """Largest ``width`` × ``height`` of one node."""
+    """Largest ``width`` x ``height`` of one node."""
     max_batch_size: int = Field(default=4, ge=1)
     max_steps: int = Field(default=100, ge=1)
     max_frames: int = Field(default=240, ge=1)
@@ -411,9 +411,7 @@ class NerfstudioPolicy(BaseModel):
 
     model_config = _FROZEN
 
-    methods: Annotated[tuple[NerfstudioMethod, ...], BeforeValidator(split_commas)] = (
-        _ALL_METHODS
-    )
+    methods: Annotated[tuple[NerfstudioMethod, ...], BeforeValidator(split_commas)] = _ALL_METHODS
     allow_options: Annotated[tuple[str, ...], BeforeValidator(split_commas)] | None = None
     """``train.options``/``train.dataparser`` keys allowed; ``None``: all the spec allows."""
     max_iterations: int = Field(default=30_000, ge=1)

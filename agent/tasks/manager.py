@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ import httpx
 import structlog
 
 from agent.metrics import Metrics
+from agent.policy import check_task
 from agent.protocol.actions import (
     AbandonTask,
     Action,
@@ -41,11 +42,13 @@ from agent.protocol.actions import (
     SyncModels,
 )
 from agent.protocol.messages import (
+    PREEMPTED,
     CloseCode,
     Envelope,
     ErrorInfo,
     LogLine,
     OutputFile,
+    Pool,
     RejectReason,
     SyncModel,
     TaskAssign,
@@ -94,6 +97,8 @@ class TaskManager:
     """Called with the team's model set (welcome.sync, then each sync message)."""
     missing_models: Callable[[list[str]], list[str]] = lambda _required: []
     """Which of a task's ``required_models`` are not ready on this agent."""
+    cached_models: Callable[[], Collection[str]] = tuple
+    """Model file names (``model_path``) the cache holds: the policy allows those."""
     runners: dict[tuple[str, int], TaskRunner] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _pending_start: list[TaskRunner] = field(default_factory=list)
@@ -101,17 +106,22 @@ class TaskManager:
     _replies: dict[str, asyncio.Future[TaskUploadUrls]] = field(default_factory=dict)
     _established: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _checks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # ------------------------------------------------------------------ life
 
     async def run(self) -> None:
         """Host runners until cancelled (cancelling this cancels every runner)."""
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            for runner in self._pending_start:
-                self._spawn(runner)
-            self._pending_start.clear()
-            await asyncio.Event().wait()  # runners live in the group; this waits for cancellation
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for runner in self._pending_start:
+                    self._spawn(runner)
+                self._pending_start.clear()
+                await asyncio.Event().wait()  # runners live in the group; this waits for cancel
+        finally:
+            for check in list(self._checks):
+                check.cancel()
 
     def recover(self) -> None:
         """Re-adopt the journal's tasks into the session (before the first connect)."""
@@ -214,21 +224,56 @@ class TaskManager:
 
     def _evaluate(self, assign: TaskAssign) -> None:
         ref = TaskRef(task_id=assign.task_id, attempt=assign.attempt)
-        now = self.clock()
         if assign.tool.value not in self.runtimes:
             message = f"no {assign.tool.value} runtime on this agent"
-            self.perform(
-                self.session.decide(ref, now, reject=RejectReason.UNSUPPORTED_TOOL, message=message)
-            )
+            self._refuse(ref, RejectReason.UNSUPPORTED_TOOL, message)
             return
+        if self.settings.policy.applies(assign.pool.value):
+            check = asyncio.get_running_loop().create_task(
+                self._police(assign), name=f"policy {ref.task_id}"
+            )
+            self._checks.add(check)  # a strong reference until it is done
+            check.add_done_callback(self._checks.discard)
+            return
+        self._decide(assign)
+
+    async def _police(self, assign: TaskAssign) -> None:
+        """Apply the policy engine (it may read ComfyUI's node catalog), then decide."""
+        ref = TaskRef(task_id=assign.task_id, attempt=assign.attempt)
+        # a runtime that lists its node classes (ComfyUI's /object_info) has node_catalog()
+        node_catalog = getattr(self.runtimes.get(assign.tool.value), "node_catalog", None)
+        catalog: Mapping[str, Any] | None = None
+        if node_catalog is not None:
+            try:
+                catalog = await node_catalog()
+            except TaskFailure as exc:
+                self._refuse(ref, RejectReason.UNHEALTHY, f"cannot check the task: {exc.message}")
+                return
+        violation = check_task(
+            assign, self.settings.policy, node_catalog=catalog, models=self.cached_models()
+        )
+        if violation is not None:
+            # the rule only: the message may echo the stranger's input
+            log.info("task refused by policy", task_id=ref.task_id, rule=violation.rule)
+            self._refuse(ref, RejectReason.POLICY_DENIED, str(violation))
+            return
+        self._decide(assign)
+
+    def _refuse(self, ref: TaskRef, reason: RejectReason, message: str) -> None:
+        self.perform(self.session.decide(ref, self.clock(), reject=reason, message=message))
+
+    def _decide(self, assign: TaskAssign) -> None:
+        """The checks that need no I/O (models, VRAM), then the accept."""
+        ref = TaskRef(task_id=assign.task_id, attempt=assign.attempt)
+        now = self.clock()
         if missing := self.missing_models(assign.required_models):
             message = f"models not on this agent yet: {', '.join(missing)}"[:1000]
-            log.info("task refused", task_id=ref.task_id, reason=message)
+            log.info("task refused", task_id=ref.task_id, reason=_private(assign, message))
             reason = RejectReason.MISSING_MODEL
             self.perform(self.session.decide(ref, now, reject=reason, message=message))
             return
         if (refusal := self.vram_refusal(assign.min_vram_gb)) is not None:
-            log.info("task refused", task_id=ref.task_id, reason=refusal)
+            log.info("task refused", task_id=ref.task_id, reason=_private(assign, refusal))
             reason = RejectReason.INSUFFICIENT_VRAM
             self.perform(self.session.decide(ref, now, reject=reason, message=refusal))
             return
@@ -367,8 +412,8 @@ class TaskManager:
     def cancelled(
         self, task: TaskRef, reason: str, outputs: list[OutputFile], timings: Timings
     ) -> None:
-        """Report cancellation (journaled first)."""
-        self._count(task, "cancelled", timings)
+        """Report cancellation (journaled first); a pre-empted task is not a failure."""
+        self._count(task, "preempted" if reason == PREEMPTED else "cancelled", timings)
         self._terminal(task, self.session.cancelled(task, self.clock(), reason, outputs, timings))
 
     def _count(self, task: TaskRef, outcome: str, timings: Timings) -> None:
@@ -386,6 +431,11 @@ class TaskManager:
             )
         self.perform(actions)
         self._changed.set()
+
+
+def _private(assign: TaskAssign, detail: str) -> str:
+    """``detail`` for the agent's log, or only its kind for a community task (privacy)."""
+    return "(withheld: community task)" if assign.pool is Pool.COMMUNITY else detail
 
 
 @dataclass

@@ -377,7 +377,8 @@ def test_template_covers_every_key_with_its_default(tmp_path: Path) -> None:
     config.chmod(0o600)
     loaded = load_settings(config_path=config, environ=environ)
     from_default = {key for key, source in loaded.sources.items() if source == "default"}
-    assert from_default == {"runtimes.comfyui.url"}  # shown as the alternative to launch
+    # url (and the attached ComfyUI's directory) are shown as the alternative to launch
+    assert from_default == {"runtimes.comfyui.url", "runtimes.comfyui.directory"}
     examples: dict[str, Any] = {
         "gateway_url": True,
         "credential": True,

@@ -107,13 +107,16 @@ def test_metrics_move_during_a_task(
     wait_ready(url, ready=True)
     before = httpx.get(f"{url}/metrics").text
     assert sample(before, "cyberun_agent_connected") == 1
-    assert sample(before, "cyberun_agent_tasks_total", outcome="completed", pool="team") is None
+    assert sample(before, "cyberun_agent_tasks_total", outcome="completed", pool="team") == 0
+    assert sample(before, "cyberun_agent_gpu_seconds_total", pool="team") == 0
     workflow = gw.create_workflow(dk, script_workflow(outputs=2))
     with gw.client(dk) as http:
         task_id = http.post(f"/r/workflows/{workflow}/run", json={}).json()["task_id"]
     agent.wait_log("report acknowledged", task_id=task_id)
     after = httpx.get(f"{url}/metrics").text
     assert sample(after, "cyberun_agent_tasks_total", outcome="completed", pool="team") == 1
+    assert (sample(after, "cyberun_agent_gpu_seconds_total", pool="team") or 0) > 0
+    assert sample(after, "cyberun_agent_gpu_seconds_total", pool="community") == 0
     assert (sample(after, "cyberun_agent_uploaded_bytes_total") or 0) > 0
     assert sample(after, "cyberun_agent_stage_seconds_count", stage="run") == 1
     assert sample(after, "cyberun_agent_slots", pool="team") == 1

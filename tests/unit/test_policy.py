@@ -170,9 +170,10 @@ def check(
     *injections: dict[str, Any],
     settings: PolicySettings = DEFAULT,
     models: tuple[str, ...] = (),
+    catalog: dict[str, Any] = CATALOG,
 ) -> Violation | None:
     """Check a ComfyUI task against the synthetic catalog."""
-    return check_task(task(workflow, *injections), settings, node_catalog=CATALOG, models=models)
+    return check_task(task(workflow, *injections), settings, node_catalog=catalog, models=models)
 
 
 def refused(violation: Violation | None, rule: str, *parts: str) -> Violation:
@@ -256,6 +257,28 @@ def test_custom_node_is_refused_unless_allowed() -> None:
         "policy.comfyui.allow_nodes",
     )
     assert check(graph, settings=policy(comfyui={"allow_nodes": "CyberunFail"})) is None
+
+
+def test_built_in_folder_readers_are_refused_unless_allowed() -> None:
+    """A built-in node that reads a folder of input/ (others' files) needs allow_nodes."""
+    catalog = {
+        **CATALOG,
+        "LoadImageDataSetFromFolder": node_info(
+            "comfy_extras.nodes_dataset", {"folder": [["a"], {}]}
+        ),
+    }
+    graph = {
+        **INVERT,
+        "4": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "a"}},
+    }
+    refused(
+        check(graph, catalog=catalog),
+        "comfyui.nodes",
+        "node 4 (LoadImageDataSetFromFolder)",
+        "policy.comfyui.allow_nodes",
+    )
+    allowed = policy(comfyui={"allow_nodes": "LoadImageDataSetFromFolder"})
+    assert check(graph, catalog=catalog, settings=allowed) is None
 
 
 def test_api_node_is_refused_as_external_service() -> None:
