@@ -175,7 +175,8 @@ def test_allowlisted_community_graph_runs_and_leaves_no_file(
     assert done["task_status"] == "completed", done
     assert httpx.get(done["download_urls"]["9.images.0"]).content[:4] == b"\x89PNG"
     assert files_of(comfyui.base_directory, prefix) == []
-    assert not any(p.name.endswith("in.png") for p in (comfyui.base_directory / "input").iterdir())
+    uploaded = prompt_id_for(task_id, 0)[:8]  # the runtime names its inputs <prompt[:8]>-<name>
+    assert files_of(comfyui.base_directory, uploaded) == []
     assert history(comfyui, task_id) == {}
     work = agent.home / "work"
     assert not work.exists() or list(work.iterdir()) == []
