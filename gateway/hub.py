@@ -213,13 +213,22 @@ class Hub:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _recover(self) -> None:
-        """After a restart: queued tasks go back to pending; running ones get a fresh lease."""
+        """After a restart: running tasks get a fresh lease, queued ones a fresh ACK deadline.
+
+        A queued task's agent may have accepted it just before the restart (the accept was
+        lost with the link): it lists the task in ``hello.in_flight`` and :meth:`_resume`
+        continues it. Requeueing it here would run it twice. One whose agent does not come
+        back within a lease TTL is requeued by the ACK deadline as usual.
+        """
         ttl = self.config.timeouts.lease_ttl_s
         for task in self.store.tasks_in({TaskStatus.QUEUED, TaskStatus.RUNNING}):
             if task.task_status is TaskStatus.QUEUED:
-                self.tasks.requeue(
-                    task, "gateway restarted before the agent answered", count_retry=False
-                )
+                if task.agent_key:
+                    self.deadlines.ack[task.id] = (task.agent_key, task.attempt, time.time() + ttl)
+                else:
+                    self.tasks.requeue(
+                        task, "gateway restarted before the agent answered", count_retry=False
+                    )
                 continue
             self.tasks.renew(task, ttl)
             self.deadlines.lease[task.id] = time.time() + ttl
