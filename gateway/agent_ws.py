@@ -145,7 +145,7 @@ class AgentEndpoint:
                 if exc.code is ErrorCode.TOO_LARGE:
                     conn.close(CloseCode.TOO_BIG)
                     return
-                if '"error"' not in frame[:200]:
+                if exc.kind != "error" and '"error"' not in frame[:200]:
                     conn.send(protocol_error(exc.code, exc.message, exc.re))
                 continue
             await self.messages.handle(conn, message)

@@ -31,11 +31,15 @@ M = TypeVar("M")
 class DecodeError(Exception):
     """A frame that is not a valid message for this direction."""
 
-    def __init__(self, code: ErrorCode, message: str, re: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, re: str | None = None, *, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.re = re
+        self.kind = kind
+        """The frame's ``type`` when it was a JSON object with a string ``type`` (else None)."""
 
 
 def encode(message: Envelope) -> str:
@@ -64,12 +68,17 @@ def _decode(adapter: TypeAdapter[M], frame: str | bytes, max_bytes: int) -> M:
     if not isinstance(raw, dict):
         raise DecodeError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
     re = _usable_id(raw.get("id"))
+    kind = raw.get("type") if isinstance(raw.get("type"), str) else None
     try:
         return adapter.validate_python(raw)
     except ValidationError as exc:
-        raise _translate(exc, raw, re) from None
+        error = _translate(exc, raw, re)
+        error.kind = kind
+        raise error from None
     except RecursionError:
-        raise DecodeError(ErrorCode.INVALID_MESSAGE, "message nested too deeply", re) from None
+        raise DecodeError(
+            ErrorCode.INVALID_MESSAGE, "message nested too deeply", re, kind=kind
+        ) from None
 
 
 def _translate(exc: ValidationError, raw: dict[str, Any], re: str | None) -> DecodeError:

@@ -324,8 +324,8 @@ class Session:
         try:
             message = decode_gateway(frame, self.config.max_frame_bytes)
         except DecodeError as exc:
-            if _looks_like_error(frame):
-                return []  # never answer an error with an error
+            if exc.kind == "error" or _looks_like_error(frame):
+                return []  # never answer an error with an error, however it is spelled
             return self._error(exc.code, exc.message, exc.re, now)
         return self.handle(message, now)
 
