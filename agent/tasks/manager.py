@@ -16,6 +16,7 @@ socket.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -277,6 +278,12 @@ class TaskManager:
             reason = RejectReason.INSUFFICIENT_VRAM
             self.perform(self.session.decide(ref, now, reject=reason, message=refusal))
             return
+        if (refusal := self._disk_refusal()) is not None:
+            log.warning("task refused", task_id=ref.task_id, reason=refusal)
+            self.perform(
+                self.session.decide(ref, now, reject=RejectReason.UNHEALTHY, message=refusal)
+            )
+            return
         self.journal.record_accept(assign)  # durable before the accept leaves
         actions = self.session.decide(ref, now)
         if any(isinstance(a, StartTask) for a in actions):
@@ -286,6 +293,20 @@ class TaskManager:
         else:
             self.journal.remove(ref)  # withdrawn or turned into a reject meanwhile
         self.perform(actions)
+
+    def _disk_refusal(self) -> str | None:
+        """Why ``work_dir`` is too full for a new task (``limits.min_free_disk_bytes``)."""
+        need = self.settings.limits.min_free_disk_bytes
+        try:
+            free = shutil.disk_usage(self.settings.work_dir).free
+        except OSError as exc:
+            return f"work_dir cannot be read: {exc.strerror}"
+        if free >= need:
+            return None
+        return (
+            f"only {free / 2**20:.0f} MiB free in work_dir "
+            f"(limits.min_free_disk_bytes is {need / 2**20:.0f} MiB)"
+        )
 
     def _start(self, assign: TaskAssign) -> None:
         self._launch(self._runner(assign, None))

@@ -290,3 +290,18 @@ def test_a_runtime_that_fails_its_probe_is_not_offered(
     assert "comfyui" in record["agent_labels"]
     task_id = submit(gw, dk, gw.create_workflow(dk, script_workflow()))
     agent.wait_log("report acknowledged", task_id=task_id)
+
+
+def test_a_work_dir_below_min_free_disk_refuses_new_tasks(
+    tmp_path: Path, gw: GatewayProcess, agents: list[AgentProcess]
+) -> None:
+    """Below limits.min_free_disk_bytes a task is rejected (unhealthy) before it is accepted."""
+    dk = gw.credential("daemon-disk")
+    workflow = gw.create_workflow(dk, script_workflow())
+    env = {"CYBERUN_AGENT_LIMITS__MIN_FREE_DISK_BYTES": str(2**60)}  # more than any disk
+    agent = launch(agents, tmp_path, gw, dk, "worker-disk", **env)
+    task_id = submit(gw, dk, workflow)
+    refused = agent.wait_log("task refused", task_id=task_id)
+    assert "limits.min_free_disk_bytes" in refused["reason"]
+    assert not any(r.get("event") == "task accepted" for r in agent.seen)
+    assert record(gw, dk, task_id)["task_status"] in {"pending", "waiting", "queued"}
