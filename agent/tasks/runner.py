@@ -459,7 +459,10 @@ class TaskRunner:
         for refresh in range(URL_REFRESHES):
             started = self._multipart.get(output.key, {}).get("upload_id")
             ask = file.model_copy(update={"upload_id": started}) if started else file
-            target = (await self.host.upload_urls(self.ref, [ask])).files[0]
+            reply = await self.host.upload_urls(self.ref, [ask])
+            if not reply.files:
+                raise TaskFailure("upload_refused", "the gateway answered with no upload URL")
+            target = reply.files[0]
             try:
                 parts = None
                 if target.parts:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +382,35 @@ async def test_a_team_task_crash_keeps_its_traceback(settings: Settings) -> None
     crash = [entry for entry in logs if entry["event"] == "task runner failed"]
     assert len(crash) == 1
     assert crash[0].get("exc_info") is True
+
+
+class EmptyUrlsHost(Host):
+    """Answers every upload request with no URL at all (a broken gateway)."""
+
+    async def upload_urls(self, task: TaskRef, files: list[UploadFile]) -> TaskUploadUrls:
+        """An answer listing no file."""
+        return TaskUploadUrls(
+            id="u1", ts=datetime.now(UTC), task_id=task.task_id, attempt=task.attempt, files=[]
+        )
+
+
+class OneOutputRuntime(WaitingRuntime):
+    """Writes one output file in the workspace and returns it."""
+
+    async def run(self, spec: TaskSpec, workspace: Path, events: RuntimeEvents) -> list[Output]:
+        """Produce ``outputs/a.png``."""
+        path = workspace / "outputs" / "a.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x89PNG" + b"0" * 60)
+        return [Output("9.images.0", path, "image/png")]
+
+
+@pytest.mark.asyncio
+async def test_an_upload_answer_without_urls_fails_the_task_clearly(settings: Settings) -> None:
+    """A task.upload_urls listing no file fails the task upload_refused, not internal_error."""
+    host = EmptyUrlsHost()
+    await _run(_assign(Pool.TEAM), OneOutputRuntime(), host, settings)
+    assert host.outcome is not None
+    kind, error = host.outcome
+    assert (kind, error.code) == ("fail", "upload_refused")
+    assert "no upload URL" in error.message
