@@ -534,14 +534,25 @@ async def upload(
     attempt re-reading the file; a file that shrinks meanwhile fails with ``size_mismatch``
     before the request is complete (never a short body). 403 for an expired URL or a refused
     signature → ``TransferError(refresh_urls=True)``; other 4xx are fatal. A 412 means the object
-    exists; after a retry that can be our own earlier attempt whose answer was lost, so the
-    caller may check the stored object's size and checksum before treating it as a failure.
+    exists: fatal on the first try, but after an attempt that failed on the network it counts
+    as success (the key was free when that attempt started, so the object is most likely that
+    attempt's, stored before its answer was lost; the gateway checks its size at completion).
     """
     size = await asyncio.to_thread(_file_size, path)
     request_headers = _with_length(headers, size, redact(url))
-    await _retrying(
-        lambda: _put_range(client, url, request_headers, path, offset=0, length=size), retry
-    )
+    sent = False  # an earlier attempt died on the network: it may have been stored
+
+    async def once() -> None:
+        nonlocal sent
+        try:
+            await _put_range(client, url, request_headers, path, offset=0, length=size)
+        except TransferError as exc:
+            if exc.status == 412 and sent:
+                return  # our own earlier attempt created it; the gateway verifies its size
+            sent = sent or exc.status is None
+            raise
+
+    await _retrying(once, retry)
 
 
 async def upload_parts(

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from agent.errors import ConnectionLostError
 from agent.metrics import Metrics
 from agent.policy import check_task
 from agent.protocol.actions import (
@@ -154,8 +155,12 @@ class TaskManager:
             runner.cancel(reason)
 
     def disconnected(self) -> None:
-        """The connection dropped: upload requests wait for the next one."""
+        """The connection dropped: pending upload requests ask again on the next one."""
         self._established.clear()
+        replies, self._replies = self._replies, {}
+        for future in replies.values():  # their answers, if any, were lost with the link
+            if not future.done():
+                future.set_exception(ConnectionLostError("the link dropped before the answer"))
 
     # ------------------------------------------------------------------ actions
 
@@ -409,7 +414,7 @@ class TaskManager:
             self.perform(actions)
             try:
                 return await asyncio.wait_for(future, UPLOAD_REPLY_S)
-            except TimeoutError:
+            except (TimeoutError, ConnectionLostError):
                 self._replies.pop(request_id, None)  # lost with a dropped link: ask again
 
     def output_uploaded(self, task: TaskRef, output: OutputFile) -> None:
