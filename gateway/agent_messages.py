@@ -161,7 +161,7 @@ class AgentMessages:
             )
             return
         try:
-            targets = [await self._target(task.id, f) for f in request.files]
+            targets = [await self._target(task.id, task.attempt, f) for f in request.files]
         except ValueError as exc:  # e.g. a content type storage cannot sign
             conn.send(protocol_error(ErrorCode.INVALID_MESSAGE, str(exc), request.id))
             return
@@ -181,10 +181,11 @@ class AgentMessages:
         )
         conn.send(reply)
 
-    async def _target(self, task_id: str, file: UploadFile) -> UploadTarget:
+    async def _target(self, task_id: str, attempt: int, file: UploadFile) -> UploadTarget:
         config = self.hub.config
         storage: ObjectStorage = self.hub.storage
-        key = f"tasks/{task_id}/{file.name}"
+        # per attempt: uploads never overwrite, and a re-dispatched attempt re-uploads its names
+        key = f"tasks/{task_id}/{attempt}/{file.name}"
         if file.size <= config.multipart_threshold:
             put = storage.presign_put(
                 key, size=file.size, content_type=file.content_type, expires_s=config.upload_ttl_s

@@ -297,7 +297,7 @@ async def test_run_follow_result_and_cancel(gw: GatewayProcess) -> None:
                 name="out_00001_.png", size=len(data), content_type="image/png", sha256="0" * 64
             )
             target = (await agent.upload_urls(ref, [file])).files[0]
-            assert target.storage_key == f"tasks/{task_id}/out_00001_.png"
+            assert target.storage_key == f"tasks/{task_id}/0/out_00001_.png"  # per attempt
             assert (
                 httpx.put(
                     target.upload_url or "", content=data, headers=target.upload_headers

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from agent.protocol.messages import SUBPROTOCOL, RejectReason, ResumeAction, TaskRef
+from agent.protocol.messages import SUBPROTOCOL, RejectReason, ResumeAction, TaskRef, UploadFile
 from tests.gateway_process import GatewayProcess, comfy_workflow
 from tests.simagent import SimAgent
 
@@ -141,6 +141,34 @@ async def test_a_preempted_community_task_is_requeued_without_a_retry(gw: Gatewa
             again = await second.next_assign()
     assert (again.task_id, again.attempt) == (task_id, first.attempt + 1)
     assert task(gw, dk, task_id)["retry_count"] == 0
+
+
+async def test_a_redispatched_attempt_uploads_the_same_name_again(gw: GatewayProcess) -> None:
+    """Storage keys are per attempt: attempt 1 re-uploads the file attempt 0 had stored."""
+    dk, wf = fresh_team(gw)
+    other, _ = fresh_team(gw)
+    task_id = submit(gw, dk, wf, target_pool="community")
+    data = b"\x89PNG-same-name"
+    file = UploadFile(name="out.png", size=len(data), content_type="image/png", sha256="0" * 64)
+    keys = []
+    async with SimAgent(gw.ws_url, other, "first", community=1) as first:
+        assign = await first.next_assign()
+        ref = TaskRef(task_id=task_id, attempt=assign.attempt)
+        await wait_status(gw, dk, task_id, "running")
+        target = (await first.upload_urls(ref, [file])).files[0]
+        put = httpx.put(target.upload_url or "", content=data, headers=target.upload_headers)
+        assert put.is_success, put.text
+        keys.append(target.storage_key)
+        await first.cancelled(ref, "preempted")
+        await first.wait_acknowledged()
+        async with SimAgent(gw.ws_url, other, "second", community=1) as second:
+            again = await second.next_assign()
+            ref = TaskRef(task_id=task_id, attempt=again.attempt)
+            target = (await second.upload_urls(ref, [file])).files[0]
+            put = httpx.put(target.upload_url or "", content=data, headers=target.upload_headers)
+            assert put.is_success, put.text
+            keys.append(target.storage_key)
+    assert keys == [f"tasks/{task_id}/0/out.png", f"tasks/{task_id}/1/out.png"]
 
 
 async def test_vram_requirement_selects_a_big_enough_gpu(gw: GatewayProcess) -> None:
