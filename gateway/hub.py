@@ -166,6 +166,8 @@ class _Deadlines:
     timeout: dict[str, float] = field(default_factory=dict)
     refusals: dict[str, dict[str, float]] = field(default_factory=dict)
     """task id → {agent key: until}"""
+    unanswered: dict[str, set[str]] = field(default_factory=dict)
+    """agent key → task ids refused because that session left an offer unanswered"""
 
     def next(self) -> float | None:
         times = [d for _, _, d in self.ack.values()]
@@ -242,6 +244,9 @@ class Hub:
         if old is not None:
             old.close(CloseCode.SUPERSEDED)
         self.agents[conn.key] = conn
+        # offers the old session never answered were most likely lost with its link
+        for task_id in self.deadlines.unanswered.pop(conn.key, set()):
+            self.deadlines.refusals.get(task_id, {}).pop(conn.key, None)
         self.wake()
 
     def detach(self, conn: AgentConn) -> None:
@@ -397,9 +402,17 @@ class Hub:
         for task_id, by_agent in list(self.deadlines.refusals.items()):
             for agent_key in [k for k, until in by_agent.items() if until <= now]:
                 del by_agent[agent_key]
+                self._forget_unanswered(agent_key, task_id)
                 self.wake()
             if not by_agent:
                 del self.deadlines.refusals[task_id]
+
+    def _forget_unanswered(self, agent_key: str, task_id: str) -> None:
+        unanswered = self.deadlines.unanswered.get(agent_key)
+        if unanswered is not None:
+            unanswered.discard(task_id)
+            if not unanswered:
+                del self.deadlines.unanswered[agent_key]
 
     def _ack_timeout(self, task_id: str, agent_key: str, attempt: int) -> None:
         del self.deadlines.ack[task_id]
@@ -407,6 +420,7 @@ class Hub:
         if task.task_status is TaskStatus.QUEUED and task.attempt == attempt:
             log.info("ack deadline passed", task_id=task_id, agent=agent_key)
             self.refuse(task_id, agent_key, TRANSIENT_REFUSAL_S * 6)
+            self.deadlines.unanswered.setdefault(agent_key, set()).add(task_id)
             self.tell_cancel(agent_key, task_id, attempt, "not acknowledged in time")
             self.tasks.requeue(task, "agent did not acknowledge in time", count_retry=False)
             self.wake()

@@ -198,6 +198,20 @@ async def test_ack_deadline_redispatches_without_counting_a_retry(gw: GatewayPro
         assert task(gw, dk, task_id)["retry_count"] == 0
 
 
+async def test_an_offer_lost_with_the_link_goes_to_the_reconnected_agent(
+    gw: GatewayProcess,
+) -> None:
+    """The ACK-deadline refusal ends with the silent session: the same agent, back, gets it."""
+    dk, wf = fresh_team(gw)
+    async with SimAgent(gw.ws_url, dk, "flaky", mode="ignore") as mute:
+        task_id = submit(gw, dk, wf)
+        first = await mute.next_offer()
+        await wait_status(gw, dk, task_id, "waiting")  # the ACK deadline passed: refused
+    async with SimAgent(gw.ws_url, dk, "flaky") as back:
+        again = await back.next_assign(timeout=10)  # well before the 30 s refusal ends
+    assert (again.task_id, again.attempt) == (task_id, first.attempt + 1)
+
+
 async def test_reject_redispatches_without_counting_a_retry(gw: GatewayProcess) -> None:
     """A rejected task goes to another agent and does not count as a retry."""
     dk, wf = fresh_team(gw)
