@@ -2,10 +2,13 @@
 
 Run from the repository root (``scripts/bench`` sets up the venv first and runs this)::
 
-    .venv/bin/python -m bench.all [--write] [--check] [--only NAME,...] [--skip NAME,...]
+    .venv/bin/python -m bench.all [NAME...] [--write] [--check] [--only NAME,...] [--skip NAME,...]
 
 Each benchmark runs as its own process (``python -m bench.NAME`` at its defaults, plus
-``--write`` when given here), its table streaming through; a non-zero exit is an error. The
+``--write`` when given here), its table streaming through; a non-zero exit is an error. Names
+given as arguments are the same as ``--only`` (``scripts/bench reliability --write``). The
+reliability long mode (``bench.reliability``: the whole tests/reliability suite at full size,
+tens of minutes) runs only when named; it writes docs/reliability.md, not results.md. The
 summary is built from the lines of its "Targets" list that end in ``: met`` or ``: MISSED``
 (the convention every benchmark's output follows). Before the first benchmark that needs the
 test ComfyUI, ``scripts/install-comfyui`` runs (a no-op when its install is cached).
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from bench._common import RESULTS, ROOT, load_average, replace_section, sigterm_as_exit
 
 BENCHMARKS: tuple[str, ...] = ("upload", "dispatch", "overhead", "idle", "fleet", "progress")
-NEEDS_COMFYUI = frozenset({"overhead", "idle", "progress"})
+ON_REQUEST: tuple[str, ...] = ("reliability",)  # run only when named: too long for every run
+NEEDS_COMFYUI = frozenset({"overhead", "idle", "progress", "reliability"})
 TITLES = {
     "upload": "Upload throughput and memory",
     "dispatch": "Dispatch latency",
@@ -38,11 +42,13 @@ TITLES = {
     "idle": "Idle footprint",
     "fleet": "Fleet",
     "progress": "Progress flood",
+    "reliability": "Reliability (long mode)",
 }
 VERDICT = re.compile(r"^- (?P<target>.+): (?P<verdict>met|MISSED)$")
 SUMMARY = "Summary of targets"
 DATE = re.compile(r"^- date: (?P<date>.+)$")
 BENCH_TIMEOUT_S = 1800.0  # one benchmark, start to end (each takes a few minutes here)
+TIMEOUTS_S = {"reliability": 3 * 3600.0 + 120}  # the whole reliability suite at full size
 INSTALL_TIMEOUT_S = 1800.0
 
 
@@ -69,7 +75,7 @@ def run_one(name: str, write: bool) -> Outcome:
             print(line, end="", flush=True)
             if match := VERDICT.match(line.rstrip("\n")):
                 verdicts.append((match["target"], match["verdict"] == "met"))
-        returncode = process.wait(timeout=BENCH_TIMEOUT_S)
+        returncode = process.wait(timeout=TIMEOUTS_S.get(name, BENCH_TIMEOUT_S))
     finally:
         if process.poll() is None:  # interrupted, or a hung benchmark: stop it and its finallys
             process.terminate()
@@ -161,17 +167,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.all", description=(__doc__ or "").split("\n")[0]
     )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help="benchmarks to run (as --only); default: all"
+    )
     parser.add_argument("--write", action="store_true", help="each benchmark updates results.md")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of {BENCHMARKS}")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of {(*BENCHMARKS, *ON_REQUEST)}"
+    )
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     args = parser.parse_args(argv)
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    only = [*args.names, *(n.strip() for n in args.only.split(",") if n.strip())]
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
-    unknown = [n for n in [*only, *skip] if n not in BENCHMARKS]
+    known = (*BENCHMARKS, *ON_REQUEST)
+    unknown = [n for n in [*only, *skip] if n not in known]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    args.names = [n for n in (only or BENCHMARKS) if n not in skip]
+        parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(known)}")
+    args.names = [n for n in dict.fromkeys(only or BENCHMARKS) if n not in skip]
     return args
 
 
