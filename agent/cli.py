@@ -544,7 +544,7 @@ def _status_table(state: dict[str, Any]) -> str:
         closed = community.get("closed_reason")
         rows.append(("community", f"closed: {closed}" if closed else "open"))
     rows += [
-        (pool, _contribution_line(totals))
+        ("served", f"{pool}: {_contribution_line(totals)}")
         for pool, totals in (state.get("contribution") or {}).items()
     ]
     return "\n".join(f"{name:<9}  {value}" for name, value in rows)

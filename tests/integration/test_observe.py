@@ -176,6 +176,8 @@ def test_status_command_prints_the_running_agent(
     assert "observed-1" in table.stdout
     assert "team 0/1 busy" in table.stdout
     assert "gpu 0" in table.stdout
+    assert "served     team: " in table.stdout  # per-pool contribution since start
+    assert "served     community: 0 completed" in table.stdout
     raw = agent_cli("status", "--json", env=env, timeout=30)
     assert json.loads(raw.stdout)["agent_status"] == "idle"
     env["CYBERUN_AGENT_OBSERVE__LISTEN"] = f"127.0.0.1:{free_port()}"
