@@ -255,9 +255,14 @@ class TaskManager:
             except TaskFailure as exc:
                 self._refuse(ref, RejectReason.UNHEALTHY, f"cannot check the task: {exc.message}")
                 return
-        violation = check_task(
-            assign, self.settings.policy, node_catalog=catalog, models=self.cached_models()
-        )
+        try:
+            violation = check_task(
+                assign, self.settings.policy, node_catalog=catalog, models=self.cached_models()
+            )
+        except Exception as exc:  # noqa: BLE001 - a stranger's task must never wedge a slot
+            log.error("policy check failed", task_id=ref.task_id, error=type(exc).__name__)  # noqa: TRY400
+            self._refuse(ref, RejectReason.POLICY_DENIED, "the policy engine could not check it")
+            return
         if violation is not None:
             # the rule only: the message may echo the stranger's input
             log.info("task refused by policy", task_id=ref.task_id, rule=violation.rule)
