@@ -151,6 +151,21 @@ def _wait_ready(
         raise AssertionError(f"gateway did not start in {timeout}s:\n{log.read_text()}") from None
 
 
+def submit_workflow(gw: GatewayProcess, dk: str, workflow: str, **parameters: Any) -> str:
+    """Run the workflow with these parameters and return the task id."""
+    with gw.client(dk) as http:
+        answer = http.post(f"/r/workflows/{workflow}/run", json={"parameters": parameters})
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["task_id"])
+
+
+def task_record(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:
+    """The task record at the gateway."""
+    with gw.client(dk) as http:
+        found: dict[str, Any] = http.get(f"/r/tasks/{task_id}").json()
+    return found
+
+
 def comfy_workflow(parameters: Sequence[dict[str, Any]] = (), **extra: Any) -> dict[str, Any]:
     """A small ComfyUI API workflow body (EmptyImage → ImageInvert → SaveImage)."""
     graph = {

@@ -12,13 +12,14 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.agent_process import AgentProcess, script_workflow, start_agent
 from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
+from tests.gateway_process import submit_workflow as submit
+from tests.gateway_process import task_record as record
 
 TERMINAL = ("event: completed", "event: failed", "event: cancelled")
 
@@ -40,21 +41,6 @@ def agents() -> Iterator[list[AgentProcess]]:
     yield started
     for agent in started:
         agent.stop()
-
-
-def submit(gw: GatewayProcess, dk: str, workflow: str, **parameters: Any) -> str:
-    """Run the workflow and return the task id."""
-    with gw.client(dk) as http:
-        answer = http.post(f"/r/workflows/{workflow}/run", json={"parameters": parameters})
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["task_id"])
-
-
-def record(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:
-    """The task record at the gateway."""
-    with gw.client(dk) as http:
-        found: dict[str, Any] = http.get(f"/r/tasks/{task_id}").json()
-    return found
 
 
 def terminal_events(gw: GatewayProcess, dk: str, task_id: str) -> list[str]:

@@ -39,7 +39,8 @@ from agent.runtimes.comfyui.workflow import prompt_id_for
 from tests.agent_process import AgentProcess, script_workflow, start_agent
 from tests.comfyui import COMFYUI_TEST_TIMEOUT_S, STARTUP_DEADLINE_S, ComfyUIServer
 from tests.comfyui import _install_test_nodes as install_test_nodes
-from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
+from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway, task_record
+from tests.gateway_process import submit_workflow as submit
 from tests.reliability.ledger import record, size
 from tests.reliability.tmpfs import start_agent_on_tmpfs, writer_workflow
 
@@ -92,21 +93,6 @@ def launch(
     agents.append(agent)
     agent.wait_log("connected to the gateway", timeout=60)
     return agent
-
-
-def submit(gw: GatewayProcess, dk: str, workflow: str, **parameters: Any) -> str:
-    """Run the workflow and return the task id."""
-    with gw.client(dk) as http:
-        answer = http.post(f"/r/workflows/{workflow}/run", json={"parameters": parameters})
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["task_id"])
-
-
-def task_record(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:
-    """The task record at the gateway."""
-    with gw.client(dk) as http:
-        found: dict[str, Any] = http.get(f"/r/tasks/{task_id}").json()
-    return found
 
 
 def wait_terminal(gw: GatewayProcess, dk: str, task_id: str, timeout: float = 90) -> str:
