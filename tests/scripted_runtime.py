@@ -40,19 +40,26 @@ if args.get("ignore_sigint"):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 else:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+def say(line, stream=sys.stdout):
+    # A crashed (SIGKILLed) agent closes the pipe; keep running like a real orphan would.
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
 steps = int(args.get("steps", 3))
 outputs = int(args.get("outputs", 1))
 os.makedirs("outputs", exist_ok=True)
-print(f"PID {os.getpid()}", flush=True)
+say(f"PID {os.getpid()}")
 for i in range(1, steps + 1):
     time.sleep(float(args.get("step_s", 0.05)))
-    print(f"STEP {i} {steps}", flush=True)
+    say(f"STEP {i} {steps}")
 for n in range(outputs):
     path = os.path.abspath(f"outputs/out_{n:05d}_.png")
     with open(path, "wb") as handle:
         handle.write(os.urandom(int(args.get("output_bytes", 1000))))
-    print(f"OUTPUT {path}", flush=True)
-print("log line to stderr", file=sys.stderr, flush=True)
+    say(f"OUTPUT {path}")
+say("log line to stderr", sys.stderr)
 sys.exit(int(args.get("exit_code", 0)))
 """
 
