@@ -26,16 +26,21 @@ left to it: it executes nothing). Each rule in turn, nodes in numeric id order t
     width * height over ``max_pixels``), ``batch_size`` (``batch_size``, ``amount``),
     ``steps``, ``frames`` (``length``, ``frames``, ``video_frames``, ``num_frames``,
     ``frame_count``), ``seconds`` (``seconds``, ``duration``), ``scale`` (``scale_by``,
-    ``upscale_factor``, ``upscale_by``). NaN and infinities are refused too.
+    ``upscale_factor``, ``upscale_by``). NaN and infinities are refused too, and so is an
+    ``INT``/``FLOAT`` limited input fed by any other node (``StringLength``, ``GetImageSize``…):
+    its value is known only once the graph runs.
 ``comfyui.urls`` / ``comfyui.paths``
     a string input that is not prompt text (``multiline`` in the catalog) holding a URL
     (``scheme://``, leading ``//``, ``file:``) or a path that could leave ComfyUI's folders
     (absolute, ``~``, a drive letter, any backslash, a ``..`` segment, NUL). A string from a
-    ``PrimitiveString``/``PrimitiveStringMultiline`` node one link away counts as literal.
+    ``PrimitiveString``/``PrimitiveStringMultiline`` node one link away counts as literal; a
+    ``STRING`` input fed by any other node (``StringConcatenate``…) is refused as ``paths``.
 ``comfyui.inputs``
     a file-picking combo (``*_upload`` in its options: ``LoadImage``, ``LoadVideo``…) or a
     combo value that looks like a file name (an extension with a letter), not a model file,
-    that no ``file`` injection of this task fills: it could read someone else's upload.
+    that no ``file`` injection of this task fills: it could read someone else's upload. A
+    file combo (a picker, file-like choices, or none: an empty folder) fed by a link is
+    refused too.
 ``comfyui.models``
     a combo naming a model file (``.safetensors``, ``.ckpt``…) that is neither in the
     agent's model cache nor in ``policy.comfyui.allow_models``.
@@ -71,6 +76,8 @@ BUILT_IN_PREFIX = "comfy_extras."
 SHARED_FOLDER_READERS = frozenset({"LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder"})
 NUMBER_PRIMITIVES = frozenset({"PrimitiveInt", "PrimitiveFloat"})
 STRING_PRIMITIVES = frozenset({"PrimitiveString", "PrimitiveStringMultiline"})
+NUMBER_TYPES = frozenset({"INT", "FLOAT"})
+STRING_TYPES = frozenset({"STRING"})
 MODEL_EXTENSIONS = frozenset(
     {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx", ".pkl", ".vae"}
 )
@@ -295,8 +302,17 @@ def _limits(node: _Node, context: _Context) -> Violation | None:
     sides: dict[str, Number] = {}
     for name, raw in node.inputs.items():
         kind = LIMITED_INPUTS.get(name.lower())
-        found = _number(raw, context.graph) if kind else None
-        if kind is None or found is None:
+        if kind is None:
+            continue
+        computed = _computed(node, name, context.graph, types=NUMBER_TYPES)
+        if computed:
+            return Violation(
+                f"comfyui.limits.{kind}",
+                f"{node.where}: {name} is computed by {computed}; a limited input takes a "
+                "literal or a PrimitiveInt/PrimitiveFloat (its value cannot be checked)",
+            )
+        found = _number(raw, context.graph)
+        if found is None:
             continue
         value, source = found
         violation = _limit(node, context.policy, kind, f"{name} {_show(value)}{source}", value)
@@ -365,6 +381,25 @@ def _through_primitive(
     return literal, f" (from node {raw[0]} {source['class_type']})"
 
 
+def _computed(node: _Node, name: str, graph: Mapping[str, Any], *, types: frozenset[str]) -> str:
+    """Where an input's value is computed: ``node N (Class)``, or ``""`` for a literal.
+
+    That is an input declared as one of ``types`` fed by a link to a node of the graph other
+    than a primitive of those types. A link to a missing node is left to ComfyUI, which
+    refuses the graph.
+    """
+    raw = node.inputs[name]
+    primitives = NUMBER_PRIMITIVES if types == NUMBER_TYPES else STRING_PRIMITIVES
+    spec = node.specs.get(name)
+    declared = spec[0] if isinstance(spec, list | tuple) and spec else None
+    if not _is_link(raw) or not isinstance(declared, str) or declared not in types:
+        return ""
+    source = graph.get(str(raw[0]))
+    if not isinstance(source, Mapping) or source.get("class_type") in primitives:
+        return ""
+    return f"node {raw[0]} ({source.get('class_type')})"
+
+
 def _unwrap(value: Any) -> Any:
     """ComfyUI unwraps ``{"__value__": x}`` (a list literal that is not a link) to ``x``."""
     if isinstance(value, Mapping) and "__value__" in value:
@@ -390,6 +425,13 @@ def _strings(node: _Node, context: _Context) -> Violation | None:
     for name, raw in node.inputs.items():
         if _spec_options(node.specs.get(name)).get("multiline") is True:
             continue  # prompt text
+        computed = _computed(node, name, context.graph, types=STRING_TYPES)
+        if computed:
+            return Violation(
+                "comfyui.paths",
+                f"{node.where}: {name} is computed by {computed}; a string that is not prompt "
+                "text takes a literal or a PrimitiveString (it could build a path or a URL)",
+            )
         value, source = _through_primitive(raw, context.graph, STRING_PRIMITIVES)
         if not isinstance(value, str):
             continue
@@ -424,7 +466,15 @@ def _combos(node: _Node, context: _Context) -> Violation | None:
     for name, raw in node.inputs.items():
         options = _combo_options(node.specs.get(name))
         value = _unwrap(raw)
-        if options is None or not isinstance(value, str) or (node.node_id, name) in context.files:
+        if options is None or (node.node_id, name) in context.files:
+            continue
+        if _is_link(raw) and _is_file_combo(node.specs[name], options):
+            return Violation(
+                "comfyui.inputs",
+                f"{node.where}: {name} is fed by node {raw[0]}, not a file this task supplies "
+                "(a file or model choice takes a literal)",
+            )
+        if not isinstance(value, str):
             continue
         violation = _combo(node, name, value, options, context)
         if violation is not None:
@@ -457,6 +507,19 @@ def _combo_options(spec: Any) -> Mapping[str, Any] | None:
     if isinstance(spec[0], list | tuple) or spec[0] == "COMBO":
         return _spec_options(spec)
     return None
+
+
+def _is_file_combo(spec: Any, options: Mapping[str, Any]) -> bool:
+    """A file picker, or a combo listing files (or nothing: an empty model or input folder)."""
+    if any(key.endswith("_upload") and flag for key, flag in options.items()):
+        return True
+    choices = spec[0] if isinstance(spec[0], list | tuple) else options.get("options")
+    if not isinstance(choices, list | tuple) or not choices:
+        return True
+    return any(
+        isinstance(choice, str) and (_is_model_file(choice) or _FILE_NAME.search(choice))
+        for choice in choices
+    )
 
 
 def _spec_options(spec: Any) -> Mapping[str, Any]:

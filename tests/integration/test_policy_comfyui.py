@@ -165,3 +165,21 @@ def test_prompt_text_may_hold_paths_and_urls(catalog: dict[str, Any]) -> None:
     """CLIPTextEncode text (multiline in the real catalog) with "../" and "http://x" passes."""
     graph = with_inputs(SAMPLER, "6", text="go ../ and see http://x")
     assert check(catalog, graph) is None
+
+
+def test_values_computed_by_string_nodes_are_refused(catalog: dict[str, Any]) -> None:
+    """A prefix built by StringConcatenate, a width from StringLength: refused; prompts pass."""
+    concat = {"class_type": "StringConcatenate", "inputs": {"string_a": "/et", "string_b": "c/"}}
+    prefix = check(catalog, {**with_inputs(INVERT, "9", filename_prefix=["2", 0]), "2": concat})
+    assert prefix is not None
+    assert str(prefix).startswith(
+        "comfyui.paths: node 9 (SaveImage): filename_prefix is computed by node 2 "
+        "(StringConcatenate)"
+    )
+    length = {"class_type": "StringLength", "inputs": {"string": "x" * 50_000}}
+    width = check(catalog, {**with_inputs(INVERT, "3", width=["2", 0]), "2": length})
+    assert width is not None
+    assert width.rule == "comfyui.limits.resolution"
+    assert "width is computed by node 2 (StringLength)" in width.message
+    prompt = check(catalog, {**with_inputs(SAMPLER, "6", text=["2", 0]), "2": concat})
+    assert prompt is None

@@ -88,6 +88,18 @@ CATALOG: dict[str, Any] = {
             "clip": ["CLIP", {"tooltip": "The CLIP model."}],
         },
     ),
+    "StringLength": node_info(
+        "comfy_extras.nodes_string", {"string": ["STRING", {"multiline": True}]}
+    ),
+    "StringConcatenate": node_info(
+        "comfy_extras.nodes_string",
+        {
+            "string_a": ["STRING", {"multiline": True}],
+            "string_b": ["STRING", {"multiline": True}],
+            "delimiter": ["STRING", {"multiline": False, "default": ""}],
+        },
+    ),
+    "ModelFiles": node_info("nodes", {"name": [["a.safetensors", "b.safetensors"]]}),
     "PrimitiveInt": node_info("comfy_extras.nodes_primitive", {"value": INT}),
     "PrimitiveFloat": node_info("comfy_extras.nodes_primitive", {"value": FLOAT}),
     "PrimitiveString": node_info(
@@ -440,13 +452,32 @@ def test_primitive_float_feeding_a_scale_is_checked() -> None:
     refused(check(graph), "comfyui.limits.scale", "scale_by 16 (from node 8 PrimitiveFloat)")
 
 
-def test_links_to_other_nodes_are_not_literals() -> None:
-    """An input linked to a non-primitive node has no literal value to check."""
-    graph = {
+def test_a_limited_input_computed_by_another_node_is_refused() -> None:
+    """A width from StringLength (a prompt's length) cannot be checked, so it is refused."""
+    graph: dict[str, Any] = {
         "3": {"class_type": "EmptyImage", "inputs": {"width": ["4", 0], "height": 8}},
-        "4": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}},
+        "4": {"class_type": "StringLength", "inputs": {"string": "x" * 100_000}},
+    }
+    refused(
+        check(graph),
+        "comfyui.limits.resolution",
+        "node 3 (EmptyImage): width is computed by node 4 (StringLength)",
+    )
+
+
+def test_links_into_unlimited_or_non_numeric_inputs_pass() -> None:
+    """Links into inputs that are not limited numbers (an IMAGE, a seed) are ordinary graphs."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "color": ["4", 0]}},
+        "4": {"class_type": "StringLength", "inputs": {"string": "abc"}},
+        "5": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
     }
     assert check(graph) is None
+
+
+def test_a_link_to_a_missing_node_is_left_to_comfyui() -> None:
+    """A dangling link is not a policy matter: ComfyUI refuses the graph, running nothing."""
+    assert check(one("EmptyImage", width=["99", 0], height=8)) is None
 
 
 def test_numbers_comfyui_would_convert_are_checked() -> None:
@@ -583,6 +614,29 @@ def test_string_primitive_feeding_an_input_is_checked() -> None:
     assert check(graph) is None
 
 
+def test_a_string_computed_by_another_node_is_refused() -> None:
+    """A filename_prefix built by StringConcatenate ("/et" + "c/x") is refused as a path risk."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": ["6", 0]}},
+        "6": {"class_type": "StringConcatenate", "inputs": {"string_a": "/et", "string_b": "c/x"}},
+    }
+    refused(
+        check(graph),
+        "comfyui.paths",
+        "node 3 (SaveImage): filename_prefix is computed by node 6 (StringConcatenate)",
+    )
+
+
+def test_computed_prompt_text_is_allowed() -> None:
+    """Prompt text (multiline) may be built by string nodes."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": ["6", 0], "clip": ["7", 1]}},
+        "6": {"class_type": "StringConcatenate", "inputs": {"string_a": "a", "string_b": "b"}},
+        "7": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+    }
+    assert check(graph, models=("m.safetensors",)) is None
+
+
 def test_a_non_multiline_primitive_string_is_inspected() -> None:
     """PrimitiveString's own value is not prompt text: a URL there is refused."""
     refused(
@@ -628,6 +682,37 @@ def test_file_named_in_any_combo_must_be_supplied() -> None:
         "comfyui.inputs",
         "node 3 (LoadLatent): latent 'x.latent'",
     )
+
+
+@pytest.mark.parametrize(
+    ("class_type", "field"),
+    [
+        ("LoadImage", "image"),  # a picker
+        ("CheckpointLoaderSimple", "ckpt_name"),  # an empty model folder
+        ("LoadLatent", "latent"),  # an empty input folder
+        ("ModelFiles", "name"),  # choices that are files
+    ],
+)
+def test_a_file_combo_fed_by_a_link_is_refused(class_type: str, field: str) -> None:
+    """A file or model choice fed by another node's output is not a file the task supplies."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": class_type, "inputs": {field: ["6", 0]}},
+        "6": {"class_type": "StringConcatenate", "inputs": {"string_a": "a", "string_b": "b"}},
+    }
+    refused(
+        check(graph),
+        "comfyui.inputs",
+        f"node 3 ({class_type}): {field} is fed by node 6, not a file this task supplies",
+    )
+
+
+def test_a_plain_combo_fed_by_a_link_is_left_to_comfyui() -> None:
+    """A link into a choice of names (sampler_name) is ComfyUI's type check, not a file risk."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "KSampler", "inputs": {"sampler_name": ["6", 0], "steps": 20}},
+        "6": {"class_type": "StringConcatenate", "inputs": {"string_a": "a", "string_b": "b"}},
+    }
+    assert check(graph) is None
 
 
 def test_plain_combo_choices_are_allowed() -> None:
