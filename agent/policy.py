@@ -18,7 +18,9 @@ left to it: it executes nothing). Each rule in turn, nodes in numeric id order t
     a class that is not built in (``python_module`` ``nodes`` or ``comfy_extras.*`` in the
     catalog) nor in ``policy.comfyui.allow_nodes`` — custom nodes (``custom_nodes.*``), the
     paid API nodes (``comfy_api_nodes.*``: they call external services) and unknown classes
-    included — or one in ``deny_nodes``; also: no catalog at all.
+    included — or one in ``deny_nodes``; also: no catalog at all. The built-ins of
+    :data:`RESTRICTED_BUILT_INS` (readers of shared folders, writers of unreported files)
+    need ``allow_nodes`` too.
 ``comfyui.limits.<kind>``
     literal numbers (a number, a numeric string, ``{"__value__": …}``, or the ``value`` of a
     ``PrimitiveInt``/``PrimitiveFloat`` node one link away), by input name, case-insensitive:
@@ -71,9 +73,29 @@ from agent.settings import ComfyUIPolicy, NerfstudioPolicy, PolicySettings
 
 BUILT_IN_MODULE = "nodes"
 BUILT_IN_PREFIX = "comfy_extras."
-#: Built-in nodes that read a whole folder of ComfyUI's input/ (other tasks' files): refused
-#: unless the owner lists them in ``policy.comfyui.allow_nodes``.
-SHARED_FOLDER_READERS = frozenset({"LoadImageDataSetFromFolder", "LoadImageTextDataSetFromFolder"})
+_READS_SHARED = "reads a folder ComfyUI shares between tasks (other tasks' files)"
+_WRITES_UNREPORTED = (
+    "writes files its history does not report (models, datasets), which the purge of a "
+    "community task could not remove"
+)
+#: Built-in nodes refused unless the owner lists them in ``policy.comfyui.allow_nodes``, and
+#: why (ComfyUI 0.3.75's comfy_extras).
+RESTRICTED_BUILT_INS: dict[str, str] = {
+    "LoadImageDataSetFromFolder": _READS_SHARED,
+    "LoadImageTextDataSetFromFolder": _READS_SHARED,
+    "LoadTrainingDataset": _READS_SHARED,
+    "CheckpointSave": _WRITES_UNREPORTED,
+    "ImageOnlyCheckpointSave": _WRITES_UNREPORTED,
+    "CLIPSave": _WRITES_UNREPORTED,
+    "VAESave": _WRITES_UNREPORTED,
+    "ModelSave": _WRITES_UNREPORTED,
+    "LoraSave": _WRITES_UNREPORTED,
+    "SaveLoRA": _WRITES_UNREPORTED,
+    "SaveImageDataSetToFolder": _WRITES_UNREPORTED,
+    "SaveImageTextDataSetToFolder": _WRITES_UNREPORTED,
+    "SaveTrainingDataset": _WRITES_UNREPORTED,
+    "Preview3D": _WRITES_UNREPORTED,
+}
 NUMBER_PRIMITIVES = frozenset({"PrimitiveInt", "PrimitiveFloat"})
 STRING_PRIMITIVES = frozenset({"PrimitiveString", "PrimitiveStringMultiline"})
 NUMBER_TYPES = frozenset({"INT", "FLOAT"})
@@ -272,11 +294,11 @@ def _node_class(node: _Node, context: _Context) -> Violation | None:
             f"{node.where}: the class is not in ComfyUI's node catalog (not installed)",
         )
     module = str(info.get("python_module") or "")
-    if node.class_type in SHARED_FOLDER_READERS:
+    restricted = RESTRICTED_BUILT_INS.get(node.class_type)
+    if restricted is not None:
         return Violation(
             "comfyui.nodes",
-            f"{node.where}: reads a folder of ComfyUI's input/ (other tasks' files); "
-            "allowed only through policy.comfyui.allow_nodes",
+            f"{node.where}: {restricted}; allowed only through policy.comfyui.allow_nodes",
         )
     if module == BUILT_IN_MODULE or module.startswith(BUILT_IN_PREFIX):
         return None

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.policy import Violation, check_task
+from agent.policy import RESTRICTED_BUILT_INS, Violation, check_task
 from agent.protocol.messages import Injection, Pool, TaskAssign, Tool
 from agent.settings import PolicySettings
 from tests.comfyui import COMFYUI_TEST_TIMEOUT_S, ComfyUIServer
@@ -183,3 +183,16 @@ def test_values_computed_by_string_nodes_are_refused(catalog: dict[str, Any]) ->
     assert "width is computed by node 2 (StringLength)" in width.message
     prompt = check(catalog, {**with_inputs(SAMPLER, "6", text=["2", 0]), "2": concat})
     assert prompt is None
+
+
+def test_restricted_built_ins_are_real_built_in_classes(catalog: dict[str, Any]) -> None:
+    """Every class the policy restricts exists in the real catalog as a built-in (no drift)."""
+    missing = [name for name in RESTRICTED_BUILT_INS if name not in catalog]
+    assert missing == []
+    modules = {catalog[name]["python_module"] for name in RESTRICTED_BUILT_INS}
+    assert all(module.startswith("comfy_extras.") for module in modules), modules
+    graph = {**INVERT, "4": {"class_type": "VAESave", "inputs": {"filename_prefix": "vae/x"}}}
+    violation = check(catalog, graph)
+    assert violation is not None
+    assert violation.rule == "comfyui.nodes"
+    assert "node 4 (VAESave): writes files its history does not report" in violation.message

@@ -293,6 +293,29 @@ def test_built_in_folder_readers_are_refused_unless_allowed() -> None:
     assert check(graph, catalog=catalog, settings=allowed) is None
 
 
+def test_built_in_writers_of_unreported_files_are_refused_unless_allowed() -> None:
+    """CheckpointSave writes a model the history does not report (so no purge): allow_nodes only."""
+    catalog = {
+        **CATALOG,
+        "CheckpointSave": node_info(
+            "comfy_extras.nodes_model_merging",
+            {"model": ["MODEL"], "filename_prefix": ["STRING", {"default": "checkpoints/x"}]},
+        ),
+    }
+    graph = {
+        **INVERT,
+        "4": {"class_type": "CheckpointSave", "inputs": {"filename_prefix": "checkpoints/x"}},
+    }
+    refused(
+        check(graph, catalog=catalog),
+        "comfyui.nodes",
+        "node 4 (CheckpointSave): writes files its history does not report",
+        "policy.comfyui.allow_nodes",
+    )
+    allowed = policy(comfyui={"allow_nodes": "CheckpointSave"})
+    assert check(graph, catalog=catalog, settings=allowed) is None
+
+
 def test_api_node_is_refused_as_external_service() -> None:
     """A comfy_api_nodes.* class (a paid, external service) is refused unless allowed."""
     graph = one("OpenAIChatNode", prompt="hi", model="gpt-4.1")
