@@ -26,6 +26,8 @@ import structlog
 
 from agent import __version__, hardware
 from agent.community import Gate, community_gate
+from agent.contribution import FILE_NAME as CONTRIBUTION_FILE
+from agent.contribution import ContributionFile
 from agent.control.connection import Connection
 from agent.errors import AgentError
 from agent.health import GpuMonitor, GpuPolicy, GpuState, process_tree
@@ -88,7 +90,10 @@ class Agent:
         self.community = self._community_gate()
         self.healthy: frozenset[str] | None = None
         """Runtimes that passed their last health check (``None``: not checked yet)."""
-        self.metrics = Metrics()
+        self.contribution = ContributionFile(settings.state_dir / CONTRIBUTION_FILE)
+        self.metrics = Metrics(
+            contribution=self.contribution.totals, on_contribution=self.contribution.save
+        )
         self.metrics.identify(__version__, self.agent_id)
         self.connection: Connection | None = None
         self.syncer: Syncer | None = None
@@ -504,6 +509,7 @@ class Agent:
                 "closed_reason": self.community.reason or None,
             },
             "contribution": self.metrics.contribution(),
+            "contribution_since": self.contribution.since.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
 
     def _count_slots(self) -> None:

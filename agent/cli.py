@@ -543,17 +543,18 @@ def _status_table(state: dict[str, Any]) -> str:
     if community.get("enabled"):
         closed = community.get("closed_reason")
         rows.append(("community", f"closed: {closed}" if closed else "open"))
+    since = str(state.get("contribution_since") or "start")
     rows += [
-        ("served", f"{pool}: {_contribution_line(totals)}")
+        ("served", f"{pool}: {_contribution_line(totals, since)}")
         for pool, totals in (state.get("contribution") or {}).items()
     ]
     return "\n".join(f"{name:<9}  {value}" for name, value in rows)
 
 
-def _contribution_line(totals: dict[str, float]) -> str:
-    """``12 completed, 1 failed, 0 cancelled, 2 preempted, 1.5 GPU-hours`` (since start)."""
+def _contribution_line(totals: dict[str, float], since: str) -> str:
+    """``12 completed, 1 failed, 0 cancelled, 2 preempted, 1.50 GPU-hours (since …)``."""
     counts = ", ".join(f"{totals.get(k, 0):.0f} {k}" for k in totals if k != "gpu_seconds")
-    return f"{counts}, {totals.get('gpu_seconds', 0) / 3600:.2f} GPU-hours (since start)"
+    return f"{counts}, {totals.get('gpu_seconds', 0) / 3600:.2f} GPU-hours (since {since})"
 
 
 def _gpu_line(gpu: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@ Names (all prefixed ``cyberun_agent_``):
 - ``tasks_total{outcome, pool}``: ``completed``, ``failed``, ``cancelled``, ``preempted`` (a
   community task stopped for a team task; reported once per attempt);
   ``gpu_seconds_total{pool}``: seconds tasks spent running (the ``run`` stage, one GPU each) —
-  what the owner contributed to each pool; ``rejections_total{reason}``: assignments refused
+  what the owner contributed to each pool since the process started (``/status``
+  ``contribution`` keeps the lifetime totals: :mod:`agent.contribution`);
+  ``rejections_total{reason}``: assignments refused
   (``insufficient_vram``, ``policy_denied``…);
 - ``stage_seconds{stage}`` histograms: ``queued``, ``prepare``, ``run``, ``upload``;
 - ``uploaded_bytes_total``, ``upload_retries_total``;
@@ -21,7 +23,7 @@ Names (all prefixed ``cyberun_agent_``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -38,8 +40,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     """Every metric of one agent process (its own registry: no global state)."""
 
-    def __init__(self) -> None:
-        """Create the instruments; outcome and stage series exist from the start at 0."""
+    def __init__(
+        self,
+        *,
+        contribution: Mapping[str, Mapping[str, float]] | None = None,
+        on_contribution: Callable[[dict[str, dict[str, float]]], None] | None = None,
+    ) -> None:
+        """Create the instruments; outcome and stage series exist from the start at 0.
+
+        ``contribution``: the lifetime per-pool totals to count on from (the Prometheus
+        counters still start at 0); ``on_contribution`` receives the new totals after each
+        attempt, to keep them (:class:`agent.contribution.ContributionFile`).
+        """
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self._info = Gauge(
@@ -61,6 +73,9 @@ class Metrics:
         self._contribution: dict[str, dict[str, float]] = {
             pool: {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0} for pool in POOLS
         }
+        for pool, totals in (contribution or {}).items():
+            self._contribution.setdefault(pool, {}).update(totals)
+        self._on_contribution = on_contribution
         self._rejections = Counter(
             f"{PREFIX}_rejections", "Assignments refused, by reason", ["reason"], registry=registry
         )
@@ -130,18 +145,20 @@ class Metrics:
             pool, {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0}
         )
         totals[outcome] = totals.get(outcome, 0.0) + 1
+        if timings is not None and timings.run_s is not None and timings.run_s > 0:
+            self._gpu_seconds.labels(pool=pool).inc(timings.run_s)
+            totals["gpu_seconds"] = totals.get("gpu_seconds", 0.0) + timings.run_s
+        if self._on_contribution is not None:
+            self._on_contribution(self.contribution())
         if timings is None:
             return
-        if timings.run_s is not None and timings.run_s > 0:
-            self._gpu_seconds.labels(pool=pool).inc(timings.run_s)
-            totals["gpu_seconds"] += timings.run_s
         for stage in STAGES:
             seconds = getattr(timings, f"{stage}_s")
             if seconds is not None:
                 self._stages.labels(stage=stage).observe(seconds)
 
     def contribution(self) -> dict[str, dict[str, float]]:
-        """Per pool: attempts by outcome and GPU-seconds, since the agent started."""
+        """Per pool: attempts by outcome and GPU-seconds, counted on from ``contribution``."""
         return {pool: dict(totals) for pool, totals in self._contribution.items()}
 
     def rejected(self, reason: str) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -130,6 +131,35 @@ def test_metrics_move_during_a_task(
     assert status["agent_id"] == "observed-1"
     assert status["connected"] is True
     assert status["gpus"][0]["temperature_c"] == 51
+
+
+def test_lifetime_contribution_survives_a_restart(
+    tmp_path: Path, fake_nvml_lib: Path, observed: tuple[AgentProcess, str, str, GatewayProcess]
+) -> None:
+    """/status contribution keeps the served tasks across a restart; the counters start at 0."""
+    agent, url, dk, gw = observed
+    workflow = gw.create_workflow(dk, script_workflow(steps=2))
+    with gw.client(dk) as http:
+        task_id = http.post(f"/r/workflows/{workflow}/run", json={}).json()["task_id"]
+    agent.wait_log("report acknowledged", task_id=task_id)
+    before = httpx.get(f"{url}/status").json()
+    assert before["contribution"]["team"]["completed"] == 1
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(30) == 0
+    env = {
+        **nvml_env(fake_nvml_lib, tmp_path / "nvml.txt"),
+        "CYBERUN_AGENT_OBSERVE__LISTEN": url.removeprefix("http://"),
+    }
+    again = start_agent(tmp_path / "agent", gw.url, dk, "observed-1", extra_env=env)
+    try:
+        again.wait_log("observe endpoint listening")
+        after = httpx.get(f"{url}/status").json()
+        assert after["contribution"]["team"] == before["contribution"]["team"]
+        assert after["contribution_since"] == before["contribution_since"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert sample(metrics, "cyberun_agent_tasks_total", outcome="completed", pool="team") == 0
+    finally:
+        again.stop()
 
 
 def test_readyz_flips_when_the_gateway_goes_away(
