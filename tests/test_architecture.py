@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
         "agent.health",
         "agent.nvml",
         "agent.metrics",
+        "agent.contribution",
         "agent.sync",
     },
     {"agent.policy", "agent.community", "agent.tasks"},
