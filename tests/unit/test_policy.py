@@ -271,48 +271,39 @@ def test_custom_node_is_refused_unless_allowed() -> None:
     assert check(graph, settings=policy(comfyui={"allow_nodes": "CyberunFail"})) is None
 
 
-def test_built_in_folder_readers_are_refused_unless_allowed() -> None:
-    """A built-in node that reads a folder of input/ (others' files) needs allow_nodes."""
-    catalog = {
-        **CATALOG,
-        "LoadImageDataSetFromFolder": node_info(
-            "comfy_extras.nodes_dataset", {"folder": [["a"], {}]}
+@pytest.mark.parametrize(
+    ("class_type", "module", "inputs", "why"),
+    [
+        (
+            "LoadImageDataSetFromFolder",
+            "comfy_extras.nodes_dataset",
+            {"folder": [["a"], {}]},
+            "reads a folder ComfyUI shares between tasks",
         ),
-    }
-    graph = {
-        **INVERT,
-        "4": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "a"}},
-    }
-    refused(
-        check(graph, catalog=catalog),
-        "comfyui.nodes",
-        "node 4 (LoadImageDataSetFromFolder)",
-        "policy.comfyui.allow_nodes",
-    )
-    allowed = policy(comfyui={"allow_nodes": "LoadImageDataSetFromFolder"})
-    assert check(graph, catalog=catalog, settings=allowed) is None
-
-
-def test_built_in_writers_of_unreported_files_are_refused_unless_allowed() -> None:
-    """CheckpointSave writes a model the history does not report (so no purge): allow_nodes only."""
-    catalog = {
-        **CATALOG,
-        "CheckpointSave": node_info(
+        (
+            "CheckpointSave",
             "comfy_extras.nodes_model_merging",
             {"model": ["MODEL"], "filename_prefix": ["STRING", {"default": "checkpoints/x"}]},
+            "writes files its history does not report",
         ),
+    ],
+)
+def test_restricted_built_ins_are_refused_unless_allowed(
+    class_type: str, module: str, inputs: dict[str, Any], why: str
+) -> None:
+    """Built-ins reading shared folders or writing unpurgeable files need allow_nodes."""
+    catalog = {**CATALOG, class_type: node_info(module, inputs)}
+    literals = {
+        name: spec[0][0] if isinstance(spec[0], list) else "x" for name, spec in inputs.items()
     }
-    graph = {
-        **INVERT,
-        "4": {"class_type": "CheckpointSave", "inputs": {"filename_prefix": "checkpoints/x"}},
-    }
+    graph = {**INVERT, "4": {"class_type": class_type, "inputs": literals}}
     refused(
         check(graph, catalog=catalog),
         "comfyui.nodes",
-        "node 4 (CheckpointSave): writes files its history does not report",
+        f"node 4 ({class_type}): {why}",
         "policy.comfyui.allow_nodes",
     )
-    allowed = policy(comfyui={"allow_nodes": "CheckpointSave"})
+    allowed = policy(comfyui={"allow_nodes": class_type})
     assert check(graph, catalog=catalog, settings=allowed) is None
 
 
