@@ -127,6 +127,9 @@ _TEMPLATE = """\
 #     keep_checkpoint: false
 ##    TORCH_HOME for the ns-* commands (pre-seeded weights); null = inherit the agent's.
 #     torch_home: null
+##    Run COLMAP's feature extraction and matching on the GPU (ns-process-data --gpu); needs
+##    a CUDA build of COLMAP (Debian's colmap package is CPU-only): false = --no-gpu.
+#     colmap_gpu: false
 ##  Extra runtimes as module:factory (Python plugins; factory(settings) -> Runtime).
 #   extra: []
 

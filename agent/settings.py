@@ -515,6 +515,8 @@ class NerfstudioSettings(BaseModel):
     keep_checkpoint: bool = False
     torch_home: ExpandedPath | None = None
     """``TORCH_HOME`` for the ``ns-*`` commands (pre-seeded weights: nothing is downloaded)."""
+    colmap_gpu: bool = False
+    """COLMAP's SIFT on the GPU in ``ns-process-data`` (needs a CUDA build of COLMAP)."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:

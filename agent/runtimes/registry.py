@@ -103,6 +103,7 @@ def _nerfstudio(settings: Settings) -> Runtime | None:
         bin_dir,
         keep_checkpoint=config.keep_checkpoint,
         torch_home=config.torch_home,
+        colmap_gpu=config.colmap_gpu,
         interrupt_grace=settings.timeouts.cancel_grace_s,
         term_grace=settings.timeouts.kill_grace_s,
     )

@@ -1,7 +1,8 @@
 """The Nerfstudio runtime end to end: gateway + agent process + the REAL ns-* CLI (CPU).
 
-A generated 12-image scene is uploaded as the task's ``file`` input, exactly as a platform
-user would; nerfacto trains for 5 iterations on the CPU and a point cloud is exported.
+Generated inputs are uploaded as the task's ``file`` input, exactly as a platform user would:
+12 photos that ns-process-data poses with the REAL COLMAP (Debian's, CPU), or a ready
+12-image dataset; nerfacto trains for 5 iterations on the CPU and a point cloud is exported.
 splatfacto needs CUDA: its success path runs through the same runtime code against a
 recorded run (``tests/data/splatfacto``) replayed by stand-in ``ns-*`` commands.
 """
@@ -21,7 +22,7 @@ import pytest
 from tests.agent_process import AgentProcess, start_agent
 from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
 from tests.nerfstudio import NerfstudioInstall
-from tests.nerfstudio_scene import make_scene_zip
+from tests.nerfstudio_scene import make_photos_zip, make_scene_zip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RECORDED = Path(__file__).parents[1] / "data" / "splatfacto"
@@ -36,11 +37,20 @@ ITERATIONS = {
 
 
 def spec(**train: Any) -> dict[str, Any]:
-    """A nerfacto-on-CPU pipeline with a point cloud export."""
+    """A nerfacto-on-CPU pipeline with a point cloud export, from a dataset zip."""
     return {
         "input": {"param": "scene", "kind": "dataset"},
         "train": {"method": "nerfacto", "max_num_iterations": 5, "device": "cpu", **train},
         "export": [{"kind": "pointcloud", "num_points": 2000, "normal_method": "open3d"}],
+    }
+
+
+def photo_spec() -> dict[str, Any]:
+    """The same pipeline from a zip of photos, posed by ns-process-data (COLMAP on the CPU)."""
+    return {
+        **spec(),
+        "input": {"param": "scene", "kind": "images"},
+        "process": {"matching_method": "exhaustive", "num_downscales": 0},
     }
 
 
@@ -70,10 +80,15 @@ def nerf_agent(
 
 
 def submit(
-    gw: GatewayProcess, dk: str, tmp_path: Path, workflow_spec: dict[str, Any], **parameters: Any
+    gw: GatewayProcess,
+    dk: str,
+    tmp_path: Path,
+    workflow_spec: dict[str, Any],
+    archive: Path | None = None,
+    **parameters: Any,
 ) -> str:
-    """Upload the scene zip and run the workflow; return the task id."""
-    archive = make_scene_zip(tmp_path / "scene.zip")
+    """Upload ``archive`` (default: a dataset zip) and run the workflow; return the task id."""
+    archive = archive or make_scene_zip(tmp_path / "scene.zip")
     data = archive.read_bytes()
     with gw.client(dk) as http:
         slot = http.post(
@@ -111,14 +126,15 @@ def result_of(gw: GatewayProcess, dk: str, agent: AgentProcess, task_id: str) ->
     return found
 
 
-def test_nerfacto_trains_exports_and_uploads(
+def test_photos_are_posed_by_colmap_then_trained_exported_and_uploaded(
     tmp_path: Path, gw: GatewayProcess, nerfstudio: NerfstudioInstall
 ) -> None:
-    """A 5-iteration nerfacto run streams progress and uploads config.yml and a point cloud."""
+    """Photos go through real ns-process-data/COLMAP, 5 nerfacto iterations and an export."""
     dk = gw.credential("nerf")
     agent = nerf_agent(tmp_path, gw, dk, nerfstudio.bin, nerfstudio.torch_home)
     try:
-        task_id = submit(gw, dk, tmp_path, spec(), iterations=5)
+        photos = make_photos_zip(tmp_path / "photos.zip")
+        task_id = submit(gw, dk, tmp_path, photo_spec(), photos, iterations=5)
         result = result_of(gw, dk, agent, task_id)
         assert result["task_status"] == "completed", result
         assert set(result["download_urls"]) == {"train.config.0", "export.pointcloud.0"}
@@ -128,6 +144,7 @@ def test_nerfacto_trains_exports_and_uploads(
         assert cloud.startswith(b"ply\n")
         with gw.client(dk) as http:
             events = http.get(f"/r/tasks/{task_id}/events").text
+        assert '"current_node": "ns-process-data"' in events
         assert '"current_node": "ns-train"' in events
         assert '"step_total": 5' in events
         assert '"current_node": "ns-export"' in events

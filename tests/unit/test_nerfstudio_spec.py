@@ -104,9 +104,15 @@ def test_export_and_process_commands() -> None:
     ]  # fmt: skip
     spec = parse_spec({"input": {"kind": "video"}, "process": {"num_frames_target": 50}})
     assert spec.process is not None
-    video = process_argv(Path("/bin"), spec.process, "video", Path("/w/in.mp4"), Layout(Path("/w")))
+    layout = Layout(Path("/w"))
+    video = process_argv(Path("/bin"), spec.process, "video", Path("/w/in.mp4"), layout, gpu=False)
     assert video[:4] == ["/bin/ns-process-data", "video", "--data", "/w/in.mp4"]
     assert video[video.index("--num-frames-target") + 1] == "50"
+    assert "--no-gpu" in video
+    assert "--gpu" not in video
+    images = process_argv(Path("/bin"), spec.process, "images", Path("/w/raw"), layout, gpu=True)
+    assert "--gpu" in images
+    assert "--num-frames-target" not in images
 
 
 def test_the_schema_is_exported() -> None:

@@ -55,9 +55,9 @@ def _flag(name: str, value: Scalar) -> list[str]:
 
 
 def process_argv(
-    bin_dir: Path, spec: ProcessSpec, kind: str, source: Path, layout: Layout
+    bin_dir: Path, spec: ProcessSpec, kind: str, source: Path, layout: Layout, *, gpu: bool
 ) -> list[str]:
-    """``ns-process-data images|video``."""
+    """``ns-process-data images|video`` (``gpu``: COLMAP's SIFT on the GPU)."""
     argv = [
         str(bin_dir / "ns-process-data"),
         kind,
@@ -69,6 +69,7 @@ def process_argv(
     argv += _flag("matching-method", spec.matching_method)
     argv += _flag("camera-type", spec.camera_type)
     argv += _flag("num-downscales", spec.num_downscales)
+    argv.append("--gpu" if gpu else "--no-gpu")  # a tyro flag pair: no value
     if kind == "video":
         argv += _flag("num-frames-target", spec.num_frames_target)
     return argv

@@ -4,7 +4,9 @@ Stages (each a process group in the task workspace, output streamed to the task'
 
 1. input — the ``file`` parameter named by ``input.param``: a dataset zip is extracted
    (zip-slip and bomb safe) into ``data/``; photos or a video go to ``raw/``;
-2. ``ns-process-data`` — for photo/video inputs (needs COLMAP on the host);
+2. ``ns-process-data`` — for photo/video inputs: COLMAP and ffmpeg from the host's PATH
+   (checked before anything runs), SIFT on the CPU unless ``runtimes.nerfstudio.colmap_gpu``;
+   it must leave ``data/transforms.json`` (it exits 0 on some failures);
 3. ``ns-train`` — progress parsed from its table (step / total) into 10-90 %;
 4. ``ns-export`` — each requested export; its files are uploaded as soon as it ends.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +51,8 @@ from agent.runtimes.process import GroupIdentity, ManagedProcess, Stream, kill_o
 log = structlog.get_logger("agent.nerfstudio")
 TAIL_LINES = 20
 PROBE_TIMEOUT_S = 120.0
+PROCESS_TOOLS = ("colmap", "ffmpeg")
+"""What ``ns-process-data`` runs (``images`` and ``video`` alike: ffmpeg copies and scales)."""
 EXPORT_FILES = (".ply", ".json", ".obj", ".mtl", ".png")
 
 
@@ -62,6 +67,7 @@ class NerfstudioRuntime:
         *,
         keep_checkpoint: bool = False,
         torch_home: Path | None = None,
+        colmap_gpu: bool = False,
         interrupt_grace: float = 15.0,
         term_grace: float = 10.0,
     ) -> None:
@@ -69,6 +75,7 @@ class NerfstudioRuntime:
         self.bin_dir = bin_dir
         self.keep_checkpoint = keep_checkpoint
         self.torch_home = torch_home
+        self.colmap_gpu = colmap_gpu
         self.interrupt_grace = interrupt_grace
         self.term_grace = term_grace
         self.version: str | None = None
@@ -107,6 +114,7 @@ class NerfstudioRuntime:
             WANDB_MODE="disabled",
             MPLBACKEND="Agg",
             PYTHONUNBUFFERED="1",
+            QT_QPA_PLATFORM="offscreen",  # COLMAP links Qt: never look for a display
         )
         if self.torch_home is not None:
             env["TORCH_HOME"] = str(self.torch_home)
@@ -122,6 +130,15 @@ class NerfstudioRuntime:
             raise TaskFailure(
                 "invalid_workflow", f"input parameter {pipeline.input.param!r} was not supplied"
             )
+        if pipeline.process is not None:
+            path = self.environment().get("PATH")
+            missing = [tool for tool in PROCESS_TOOLS if shutil.which(tool, path=path) is None]
+            if missing:
+                raise TaskFailure(
+                    "runtime_unavailable",
+                    f"ns-process-data needs {' and '.join(missing)} on this host's PATH "
+                    "(Debian: apt-get install colmap ffmpeg)",
+                )
         self._specs[_key(spec)] = pipeline
 
     async def run(self, spec: TaskSpec, workspace: Path, events: RuntimeEvents) -> list[Output]:
@@ -193,9 +210,18 @@ class NerfstudioRuntime:
             return _dataset_root(layout.data)
         assert pipeline.process is not None  # noqa: S101 - the spec guarantees it
         media = target if kind == "images" else source
-        argv = process_argv(self.bin_dir, pipeline.process, kind, media, layout)
-        await self._stage(spec, "ns-process-data", argv, layout.workspace, events, span=(0.0, 0.1))
-        return _dataset_root(layout.data)
+        argv = process_argv(
+            self.bin_dir, pipeline.process, kind, media, layout, gpu=self.colmap_gpu
+        )
+        last = await self._stage(
+            spec, "ns-process-data", argv, layout.workspace, events, span=(0.0, 0.1)
+        )
+        if not (layout.data / "transforms.json").is_file():  # it exits 0 on some failures
+            raise TaskFailure(
+                "stage_failed",
+                f"ns-process-data wrote no transforms.json (COLMAP found no poses?):\n{last}",
+            )
+        return layout.data
 
     async def _train(
         self,
@@ -253,8 +279,8 @@ class NerfstudioRuntime:
         *,
         span: tuple[float, float],
         total: int | None = None,
-    ) -> None:
-        """Run one stage to success, or raise TaskFailure / TaskInterrupted."""
+    ) -> str:
+        """Run one stage; return its last lines, or raise TaskFailure / TaskInterrupted."""
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         low, high = span
         best = [-1]  # the table redraws older rows: report only new highs
@@ -282,11 +308,12 @@ class NerfstudioRuntime:
                 self._current.pop(_key(spec), None)
         if flags["interrupted"]:
             raise TaskInterrupted
+        last = "\n".join(tail)
+        if code == 2:
+            raise TaskFailure("invalid_arguments", f"{name} refused its arguments:\n{last}")
         if code != 0:
-            last = "\n".join(tail)
-            if code == 2:
-                raise TaskFailure("invalid_arguments", f"{name} refused its arguments:\n{last}")
             raise TaskFailure("stage_failed", f"{name} exited with {code}:\n{last}")
+        return last
 
     async def _capture(self, argv: list[str]) -> tuple[int, str]:
         """Run a short command, collecting stdout (for probes)."""
