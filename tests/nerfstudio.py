@@ -25,8 +25,8 @@ Test modules get it by listing this module as a plugin (``tests/conftest.py`` do
 Timeouts: the install runs in ``pytest_collection_modifyitems`` as soon as a collected test
 uses the ``nerfstudio`` fixture, so a cold install counts against no test's timeout. When the
 install cannot be done (no PyPI, no Python 3.11+, no libusb, colmap or ffmpeg and no root to
-install them), every
-test that uses the fixture fails with the installer's output: it never skips.
+install them), every test that uses the fixture fails with the installer's output: it never
+skips.
 
 Registering the plugin more than once is harmless (pytest loads it once). PYTEST_DONT_REWRITE
 (assertion rewriting is off here, so importing names from this module before pytest registers
