@@ -16,19 +16,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from agent import __version__, logs
+from agent import PROG, __version__, logs
 from agent.config_template import config_template as config_template  # noqa: PLC0414 re-export
-from agent.errors import AgentError, ConfigError, CredentialError, ExitCode
+from agent.errors import AgentError, ConfigError, ExitCode
 from agent.settings import (
     CONFIG_ENV,
     CREDENTIAL_NAME,
     FLAG_NAMES,
     LoadedSettings,
-    Settings,
-    credential_kind,
     default_init_path,
     load_settings,
-    write_private_file,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +33,6 @@ if TYPE_CHECKING:
 
     Handler = Callable[[argparse.Namespace], int]
 
-PROG = "cyberun-agent"
 
 RUN_EPILOG = """
 signals:
@@ -323,72 +319,10 @@ def _print_warnings(loaded: LoadedSettings) -> None:
         print(f"warning: {_one_line(warning)}", file=sys.stderr)
 
 
-def _describe_credential(loaded: LoadedSettings) -> str:
-    """Say whether a credential is set and of which kind, never more of it."""
-    settings = loaded.settings
-    origin = settings.credential_origin()
-    if origin is None:
-        return "<not set>"
-    if settings.credential is not None:
-        origin = loaded.source_of("credential")
-    try:
-        value = settings.credential_value()
-    except CredentialError:
-        return f"<set but unusable, from {origin}>"
-    kind = credential_kind(value) if value is not None else "?"
-    return f"<set: {kind}-…, from {origin}>"
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _show_rows(loaded: LoadedSettings) -> list[tuple[str, Any, str]]:
-    values = _flatten(loaded.settings.model_dump(mode="json"))
-    values["credential"] = _describe_credential(loaded)
-    return [(key, values[key], source) for key, source in loaded.sources.items()]
-
-
-def _derived(settings: Settings) -> dict[str, Any]:
-    derived: dict[str, Any] = {"pools": settings.pool_names}
-    if settings.gateway_url is not None:
-        derived["agent_ws_url"] = settings.agent_ws_url
-    return derived
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) and value else json.dumps(value)
-
-
 def _config_show(args: argparse.Namespace) -> int:
     loaded = _load(args)
     _print_warnings(loaded)
-    rows = _show_rows(loaded)
-    derived = _derived(loaded.settings)
-    config_file = str(loaded.config_file) if loaded.config_file else None
-    if args.json:
-        document = {
-            "config_file": config_file,
-            "settings": {key: {"value": value, "source": src} for key, value, src in rows},
-            "derived": derived,
-        }
-        print(logs.redact(json.dumps(document, indent=2)))
-        return ExitCode.OK
-    table = [("KEY", "VALUE", "SOURCE")]
-    table += [(key, _text(value), source) for key, value, source in rows]
-    table += [(key, _text(value), "derived") for key, value in derived.items()]
-    key_width = max(len(row[0]) for row in table)
-    value_width = min(60, max(len(row[1]) for row in table))
-    print(f"config file: {config_file or 'none'}")
-    for key, value, source in table:
-        print(logs.redact(f"{key:<{key_width}}  {value:<{value_width}}  {source}"))
-    return ExitCode.OK
+    return int(_config_cli().show(loaded, as_json=args.json))
 
 
 def _config_validate(args: argparse.Namespace) -> int:
@@ -401,16 +335,11 @@ def _config_validate(args: argparse.Namespace) -> int:
 
 def _config_init(args: argparse.Namespace) -> int:
     path: Path = args.path.absolute() if args.path is not None else default_init_path()
-    try:
-        write_private_file(path, config_template(Settings()), overwrite=args.force)
-    except FileExistsError:
-        print(f"{PROG} config init: {path} exists; pass --force to overwrite it", file=sys.stderr)
-        return ExitCode.FAILURE
-    except OSError as exc:
-        print(f"{PROG} config init: cannot write {path}: {exc.strerror}", file=sys.stderr)
-        return ExitCode.FAILURE
-    print(path)
-    return ExitCode.OK
+    return int(_config_cli().init(path, force=args.force))
+
+
+def _config_cli() -> Any:
+    return importlib.import_module("agent.config_cli")
 
 
 def _protocol_schema(args: argparse.Namespace) -> int:
@@ -493,106 +422,13 @@ def _hardware(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    observe = loaded.settings.observe
-    if observe.address is None:
-        raise ConfigError("observe.listen", loaded.source_of("observe.listen"), "is off (empty)")
-    host, port = observe.address
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a wildcard bind
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
-    token = observe.token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    httpx = importlib.import_module("httpx")
-    try:
-        answer = httpx.get(url, headers=headers, timeout=5)
-    except httpx.HTTPError as exc:
-        print(f"{PROG} status: no agent answers at {url} ({type(exc).__name__})", file=sys.stderr)
-        return ExitCode.FAILURE
-    if answer.status_code != 200:
-        print(f"{PROG} status: {url} answered HTTP {answer.status_code}", file=sys.stderr)
-        return ExitCode.FAILURE
-    state = answer.json()
-    print(json.dumps(state, indent=2) if args.json else _status_table(state))
-    return ExitCode.OK
-
-
-def _status_table(state: dict[str, Any]) -> str:
-    link = f"connected to {state['gateway_url']}" if state["connected"] else "NOT connected"
-    ready = "ready" if state["ready"] else "NOT ready: " + "; ".join(state["not_ready"])
-    slots = ", ".join(
-        f"{pool} {cap - state['free_slots'].get(pool, 0)}/{cap} busy"
-        for pool, cap in state["capacity"].items()
-    )
-    rows = [
-        ("agent", f"{state['agent_id']} ({state['agent_version']}), {link}"),
-        ("status", f"{state['agent_status']}, {ready}"),
-        ("slots", slots or "none"),
-        ("labels", ", ".join(state["labels"]) or "none"),
-        ("region", state["region"] or "(unset)"),
-    ]
-    rows += [("running", f"{t['task_id']} (attempt {t['attempt']})") for t in state["running"]]
-    health = {True: "healthy", False: "UNHEALTHY", None: "not checked yet"}
-    rows += [
-        ("runtime", f"{tool} {rt['version'] or ''} {health[rt['healthy']]}")
-        for tool, rt in state["runtimes"].items()
-    ]
-    rows += [(f"gpu {g['index']}", _gpu_line(g)) for g in state["gpus"]]
-    if not state["gpus"]:
-        rows.append(("gpu", f"none ({state['nvml']})"))
-    community = state.get("community") or {}
-    if community.get("enabled"):
-        closed = community.get("closed_reason")
-        rows.append(("community", f"closed: {closed}" if closed else "open"))
-    since = str(state.get("contribution_since") or "start")
-    rows += [
-        ("served", f"{pool}: {_contribution_line(totals, since)}")
-        for pool, totals in (state.get("contribution") or {}).items()
-    ]
-    return "\n".join(f"{name:<9}  {value}" for name, value in rows)
-
-
-def _contribution_line(totals: dict[str, float], since: str) -> str:
-    """``12 completed, 1 failed, 0 cancelled, 2 preempted, 1.50 GPU-hours (since …)``."""
-    counts = ", ".join(f"{totals.get(k, 0):.0f} {k}" for k in totals if k != "gpu_seconds")
-    return f"{counts}, {totals.get('gpu_seconds', 0) / 3600:.2f} GPU-hours (since {since})"
-
-
-def _gpu_line(gpu: dict[str, Any]) -> str:
-    parts = []
-    if "utilization" in gpu:
-        parts.append(f"{gpu['utilization']:.0f} %")
-    if "memory_used" in gpu and "memory_total" in gpu:
-        parts.append(f"{gpu['memory_used'] / 2**30:.1f}/{gpu['memory_total'] / 2**30:.1f} GiB")
-    if "temperature_c" in gpu:
-        parts.append(f"{gpu['temperature_c']:g} °C")
-    if "power_w" in gpu:
-        parts.append(f"{gpu['power_w']:.0f} W")
-    if gpu.get("problem"):
-        parts.append(f"NOT OFFERED: {gpu['problem']}")
-    return ", ".join(parts) or "no readings"
+    status_cli = importlib.import_module("agent.status_cli")
+    return int(status_cli.show(_load(args), as_json=args.json))
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    settings = _load(args).settings
-    cache = importlib.import_module("agent.sync").ModelCache(settings.cache_dir / "models")
-    rows = [
-        {
-            "sha256": m.sha256,
-            "size": m.size,
-            "last_used": m.last_used,
-            "placed": [str(p) for p in cache.placements(m.sha256) if p.exists()],
-        }
-        for m in reversed(cache.models())
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return ExitCode.OK
-    total = sum(r["size"] for r in rows)
-    print(f"{len(rows)} model(s), {total / 2**30:.2f} GiB in {cache.root}")
-    for row in rows:
-        places = ", ".join(row["placed"]) or "(not placed)"
-        print(f"{row['sha256'][:12]}  {row['size'] / 2**20:10.1f} MiB  {places}")
-    return ExitCode.OK
+    models = importlib.import_module("agent.models_cli")
+    return int(models.list_models(_load(args).settings, as_json=args.json))
 
 
 def _models_sync(args: argparse.Namespace) -> int:
@@ -605,19 +441,15 @@ def _models_sync(args: argparse.Namespace) -> int:
 
 def _models_prune(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    settings = loaded.settings
-    budget = args.budget if args.budget is not None else settings.models.budget_bytes
+    budget = args.budget if args.budget is not None else loaded.settings.models.budget_bytes
     if budget is None:
         raise ConfigError(
             "models.budget_bytes",
             loaded.source_of("models.budget_bytes"),
             "is unset: pass --budget",
         )
-    sync = importlib.import_module("agent.sync")
-    cache = sync.ModelCache(settings.cache_dir / "models", budget_bytes=max(0, budget))
-    removed = cache.evict(keep=())
-    print(f"evicted {len(removed)} model(s); {sum(m.size for m in cache.models())} bytes left")
-    return ExitCode.OK
+    models = importlib.import_module("agent.models_cli")
+    return int(models.prune(loaded.settings, budget))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
-"""``cyberun-agent models sync``: pull the team's models now, with a progress bar.
+"""``cyberun-agent models sync|list|prune``: the team's models now, the cache, a budget.
 
-The set comes the way the daemon gets it: a ``hello`` (no capacity, as ``doctor`` sends it)
-answered by ``welcome.sync``; then :class:`agent.sync.Syncer` fetches, verifies, places and
-evicts exactly as the daemon would.
+``sync`` pulls the set with a progress bar. The set comes the way the daemon gets it: a
+``hello`` (no capacity, as ``doctor`` sends it) answered by ``welcome.sync``; then
+:class:`agent.sync.Syncer` fetches, verifies, places and evicts exactly as the daemon would.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 import httpx
 from websockets.exceptions import WebSocketException
@@ -93,3 +94,34 @@ def _as_dict(report: SyncReport, wanted: int) -> dict[str, object]:
         "evicted": report.evicted,
         "refused": report.refused,
     }
+
+
+def list_models(settings: Settings, *, as_json: bool) -> int:
+    """``models list``: the cached models, newest use first, and where each is placed."""
+    cache = ModelCache(settings.cache_dir / "models")
+    rows: list[dict[str, Any]] = [
+        {
+            "sha256": m.sha256,
+            "size": m.size,
+            "last_used": m.last_used,
+            "placed": [str(p) for p in cache.placements(m.sha256) if p.exists()],
+        }
+        for m in reversed(cache.models())
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    total = sum(r["size"] for r in rows)
+    print(f"{len(rows)} model(s), {total / 2**30:.2f} GiB in {cache.root}")
+    for row in rows:
+        places = ", ".join(row["placed"]) or "(not placed)"
+        print(f"{row['sha256'][:12]}  {row['size'] / 2**20:10.1f} MiB  {places}")
+    return 0
+
+
+def prune(settings: Settings, budget: int) -> int:
+    """``models prune``: evict least recently used models until the cache fits ``budget``."""
+    cache = ModelCache(settings.cache_dir / "models", budget_bytes=max(0, budget))
+    removed = cache.evict(keep=())
+    print(f"evicted {len(removed)} model(s); {sum(m.size for m in cache.models())} bytes left")
+    return 0

@@ -39,6 +39,8 @@ LAYERS: list[set[str]] = [
         "agent.doctor",
         "agent.login",
         "agent.models_cli",
+        "agent.status_cli",
+        "agent.config_cli",
     },
     {"agent.cli", "agent.__main__"},
 ]
@@ -80,8 +82,8 @@ def layer_of(name: str) -> int | None:
     """Return the layer index of a module, or None when it is outside the agent package."""
     if not belongs(name, "agent"):
         return None
-    if name in {"agent", "agent.__version__"}:
-        return 0  # the package root holds only the version
+    if name in {"agent", "agent.__version__", "agent.PROG"}:
+        return 0  # the package root holds only the version and the command's name
     for index, layer in enumerate(LAYERS):
         if any(name == top or name.startswith(top + ".") for top in layer):
             return index
