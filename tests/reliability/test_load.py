@@ -99,8 +99,12 @@ def _fd_kind(link: str) -> str:
 
 
 def _entries(directory: Path) -> int:
-    """Everything under ``directory`` (files and folders, recursively)."""
-    return sum(1 for _ in directory.rglob("*")) if directory.exists() else 0
+    """Everything under ``directory`` (files and folders, recursively; 0 if it is absent).
+
+    The agent removes task folders while this walks them: os.walk passes over a folder that
+    vanished (``rglob`` raised FileNotFoundError, failing a long run).
+    """
+    return sum(len(folders) + len(files) for _, folders, files in os.walk(directory))
 
 
 def snapshot(agent: AgentProcess) -> Snapshot:
