@@ -39,6 +39,8 @@ from agent.settings import Settings
 
 log = structlog.get_logger("agent.connection")
 OUTBOX_SIZE = 10_000
+CLOSE_TIMEOUT_S = 5.0
+"""The longest the closing handshake may take (less when ``timeouts.ping_timeout_s`` is)."""
 FATAL_STATUS = {401: CredentialError, 403: CredentialError, 426: ProtocolError}
 
 
@@ -140,7 +142,8 @@ class Connection:
                 open_timeout=timeouts.connect_s,
                 ping_interval=timeouts.ping_interval_s,
                 ping_timeout=timeouts.ping_timeout_s,
-                close_timeout=5,
+                # a peer silent past a ping timeout is not waited for again while closing
+                close_timeout=min(CLOSE_TIMEOUT_S, timeouts.ping_timeout_s),
                 max_size=self.settings.limits.max_frame_bytes,
                 max_queue=64,
             )

@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +323,28 @@ def test_a_dead_link_is_dropped_and_tasks_resume_once_after_heal(tmp_path: Path,
     assert found.statuses == {"completed": count}, found.detail
     assert found.redispatched == 0, found.detail  # resumed, not re-run
     assert detected_s < 10, found.detail
+
+
+@pytest.mark.timeout(60)
+def test_a_link_that_stays_dead_is_given_up_within_the_ping_timeout(tmp_path: Path) -> None:
+    """An unanswered ping drops a dead link within ping_timeout_s, not websockets' 5 s close."""
+    with make_rig(tmp_path, "stays-dead", *FAST_TIMEOUTS) as rig:
+        agent = rig.start("stays-dead-agent", **FAST_PING)
+        since = len(agent.seen)
+        rig.link.stall()  # never healed while the agent gives up on it
+        timed_out = agent.wait_log(KEEPALIVE_TIMEOUT, since=since, timeout=15)
+        dropped = agent.wait_log("disconnected from the gateway", since=since, timeout=15)
+        rig.link.heal()
+        agent.wait_log("connected to the gateway", since=since, timeout=30)
+    gap_s = (_stamp(dropped) - _stamp(timed_out)).total_seconds()
+    # the closing handshake waits at most ping_timeout_s (0.5 s here), plus the 2 s bound on
+    # the agent's own close; websockets' default close_timeout alone would be 5 s
+    assert gap_s < 3.5, f"a dead link was held {gap_s:.1f} s after its ping timed out"
+
+
+def _stamp(entry: dict[str, Any]) -> datetime:
+    """When the agent wrote a log record (its ISO ``timestamp``)."""
+    return datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00"))
 
 
 @pytest.mark.timeout(120)
