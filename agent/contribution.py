@@ -8,11 +8,12 @@ it: per pool, attempts by outcome and GPU-seconds, and when counting began::
      "pools": {"community": {"completed": 3, "failed": 0, "cancelled": 0,
                              "preempted": 1, "gpu_seconds": 812.5}, "team": {...}}}
 
-It is rewritten whole after each reported attempt (a temporary file, fsync, ``os.replace``),
-so a crash leaves the old or the new totals, never half of one. A file that cannot be read
-as such totals (hand-edited, truncated by a full disk) is moved aside as
-``contribution.json.broken`` and counting starts again; a write that fails (a full disk)
-is logged and retried with the next attempt — accounting never stops a task.
+It is written when counting starts and rewritten whole after each reported attempt (a
+temporary file, fsync, ``os.replace``), so a crash leaves the old or the new totals, never
+half of one. A file that cannot be read as such totals (hand-edited, truncated by a full
+disk) is moved aside as ``contribution.json.broken`` and counting starts again; a write that
+fails (a full disk) is logged and retried with the next attempt — accounting never stops a
+task.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class ContributionFile:
     """Lifetime per-pool totals in one small JSON file (blocking I/O, a few hundred bytes)."""
 
     def __init__(self, path: Path, *, now: datetime | None = None) -> None:
-        """Read ``path`` (a missing or broken file starts the count now)."""
+        """Read ``path`` (a missing or broken file starts the count now, and is written)."""
         self.path = path
         self._failing = False
         loaded = self._load()
         if loaded is None:
             self.since = (now or datetime.now(UTC)).replace(microsecond=0)
             self.totals: Totals = {}
+            self.save({})  # the start of counting is kept even before the first attempt
         else:
             self.since, self.totals = loaded
 

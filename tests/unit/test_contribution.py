@@ -15,11 +15,14 @@ from agent.protocol.messages import Timings
 NOW = datetime(2026, 12, 1, 14, 0, 0, 123456, tzinfo=UTC)
 
 
-def test_a_missing_file_starts_counting_now() -> None:
-    """Without a file the totals are empty and counting begins at the given moment."""
-    ledger = ContributionFile(Path("/nonexistent/contribution.json"), now=NOW)
+def test_a_missing_file_starts_counting_now_and_keeps_that_start(tmp_path: Path) -> None:
+    """Without a file counting begins now; that start is written before any attempt."""
+    path = tmp_path / "state" / "contribution.json"
+    ledger = ContributionFile(path, now=NOW)
     assert ledger.totals == {}
     assert ledger.since == NOW.replace(microsecond=0)
+    again = ContributionFile(path, now=datetime(2030, 1, 1, tzinfo=UTC))
+    assert again.since == ledger.since
 
 
 def test_totals_survive_a_reload(tmp_path: Path) -> None:
@@ -73,7 +76,7 @@ def test_a_broken_file_is_moved_aside_and_counting_restarts(tmp_path: Path, cont
     assert ledger.totals == {}
     assert ledger.since == NOW.replace(microsecond=0)
     assert (tmp_path / "contribution.json.broken").read_bytes() == content
-    assert not path.exists()
+    assert ContributionFile(path).since == ledger.since  # a fresh file in its place
 
 
 def test_a_failing_save_keeps_the_old_totals(tmp_path: Path) -> None:
