@@ -49,6 +49,7 @@ async def test_photos_without_colmap_or_ffmpeg_are_refused_up_front(
     with pytest.raises(TaskFailure) as refused:
         await runtime.prepare(task(PHOTOS, tmp_path), tmp_path)
     assert refused.value.code == "runtime_unavailable"
+    assert refused.value.retryable  # another agent may have them
     assert f"ns-process-data needs {named} on this host's PATH" in str(refused.value)
 
 

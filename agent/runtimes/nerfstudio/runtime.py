@@ -138,6 +138,7 @@ class NerfstudioRuntime:
                     "runtime_unavailable",
                     f"ns-process-data needs {' and '.join(missing)} on this host's PATH "
                     "(Debian: apt-get install colmap ffmpeg)",
+                    retryable=True,  # another agent may have them
                 )
         self._specs[_key(spec)] = pipeline
 
