@@ -157,9 +157,8 @@ class ComfyUIRuntime:
         return all(checks)
 
     async def close(self) -> None:
-        """Stop the supervised servers and close the clients."""
-        for server in self.pool.servers:
-            await server.close()
+        """Stop the supervised servers side by side (each may take its graces); close clients."""
+        await asyncio.gather(*(server.close() for server in self.pool.servers))
 
     # ------------------------------------------------------------------ tasks
 
