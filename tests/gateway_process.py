@@ -151,12 +151,17 @@ def _wait_ready(
         raise AssertionError(f"gateway did not start in {timeout}s:\n{log.read_text()}") from None
 
 
-def submit_workflow(gw: GatewayProcess, dk: str, workflow: str, **parameters: Any) -> str:
-    """Run the workflow with these parameters and return the task id."""
+def run_workflow(gw: GatewayProcess, dk: str, workflow: str, **body: Any) -> str:
+    """``POST /r/workflows/{workflow}/run`` with this body; assert 202, return the task id."""
     with gw.client(dk) as http:
-        answer = http.post(f"/r/workflows/{workflow}/run", json={"parameters": parameters})
+        answer = http.post(f"/r/workflows/{workflow}/run", json=body)
     assert answer.status_code == 202, answer.text
     return str(answer.json()["task_id"])
+
+
+def submit_workflow(gw: GatewayProcess, dk: str, workflow: str, **parameters: Any) -> str:
+    """Run the workflow with these parameters and return the task id."""
+    return run_workflow(gw, dk, workflow, parameters=parameters)
 
 
 def task_record(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:

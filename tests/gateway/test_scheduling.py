@@ -14,6 +14,8 @@ from websockets.exceptions import InvalidStatus
 
 from agent.protocol.messages import SUBPROTOCOL, RejectReason, ResumeAction, TaskRef, UploadFile
 from tests.gateway_process import GatewayProcess, comfy_workflow
+from tests.gateway_process import run_workflow as submit
+from tests.gateway_process import task_record as task
 from tests.simagent import SimAgent
 
 pytestmark = pytest.mark.asyncio
@@ -24,21 +26,6 @@ def fresh_team(gw: GatewayProcess, **workflow: Any) -> tuple[str, str]:
     """A new team with one workflow (so tests never see each other's tasks)."""
     dk = gw.credential(f"sched-{next(_teams)}")
     return dk, gw.create_workflow(dk, comfy_workflow(**workflow))
-
-
-def submit(gw: GatewayProcess, dk: str, workflow: str, **body: Any) -> str:
-    """Run a workflow and return the task id."""
-    with gw.client(dk) as http:
-        answer = http.post(f"/r/workflows/{workflow}/run", json=body)
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["task_id"])
-
-
-def task(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:
-    """The task record."""
-    with gw.client(dk) as http:
-        record: dict[str, Any] = http.get(f"/r/tasks/{task_id}").json()
-    return record
 
 
 async def wait_status(

@@ -23,7 +23,7 @@ import pytest
 from agent.runtimes.comfyui.workflow import prompt_id_for
 from tests.agent_process import AgentProcess, start_agent
 from tests.comfyui import COMFYUI_TEST_TIMEOUT_S, ComfyUIServer
-from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
+from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway, run_workflow
 from tests.integration.test_comfyui_runtime import _png as png
 from tests.simagent import SimAgent
 
@@ -109,10 +109,7 @@ def owner(tmp_path: Path, gw: GatewayProcess, comfyui: ComfyUIServer) -> Iterato
 def submit(gw: GatewayProcess, dk: str, graph: dict[str, Any], **request: Any) -> str:
     """Create a workflow of ``graph`` and run it; return the task id."""
     workflow = gw.create_workflow(dk, {"name": "w", "workflow_json": graph})
-    with gw.client(dk) as http:
-        answer = http.post(f"/r/workflows/{workflow}/run", json=request)
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["task_id"])
+    return run_workflow(gw, dk, workflow, **request)
 
 
 def result(gw: GatewayProcess, dk: str, task_id: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 from agent.metrics import Metrics
 from agent.observe import ObserveServer
 from tests.agent_process import ROOT, AgentProcess, agent_cli, script_workflow, start_agent
-from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway
+from tests.gateway_process import FAST_TIMEOUTS, GatewayProcess, gateway, run_workflow
 from tests.nvml_fake import FakeGpu, nvml_env, write_scenario
 
 GIB = 1024**3
@@ -138,9 +138,7 @@ def test_lifetime_contribution_survives_a_restart(
 ) -> None:
     """/status contribution keeps the served tasks across a restart; the counters start at 0."""
     agent, url, dk, gw = observed
-    workflow = gw.create_workflow(dk, script_workflow(steps=2))
-    with gw.client(dk) as http:
-        task_id = http.post(f"/r/workflows/{workflow}/run", json={}).json()["task_id"]
+    task_id = run_workflow(gw, dk, gw.create_workflow(dk, script_workflow(steps=2)))
     agent.wait_log("report acknowledged", task_id=task_id)
     before = httpx.get(f"{url}/status").json()
     assert before["contribution"]["team"]["completed"] == 1
