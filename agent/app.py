@@ -509,7 +509,7 @@ class Agent:
                 "closed_reason": self.community.reason or None,
             },
             "contribution": self.metrics.contribution(),
-            "contribution_since": self.contribution.since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "contribution_since": self.contribution.since_text,
         }
 
     def _count_slots(self) -> None:

@@ -35,6 +35,8 @@ VERSION: Final = 1
 FILE_NAME: Final = "contribution.json"
 MAX_BYTES: Final = 64 * 1024
 """A larger file is not one this module wrote."""
+STAMP: Final = "%Y-%m-%dT%H:%M:%SZ"
+"""How ``since`` is written (UTC, whole seconds)."""
 
 Totals = dict[str, dict[str, float]]
 
@@ -54,12 +56,17 @@ class ContributionFile:
         else:
             self.since, self.totals = loaded
 
+    @property
+    def since_text(self) -> str:
+        """``since`` as the file (and ``/status``) writes it: ``2026-12-01T14:00:00Z``."""
+        return self.since.strftime(STAMP)
+
     def save(self, totals: Mapping[str, Mapping[str, float]]) -> None:
         """Replace the stored totals with ``totals`` (atomically; failures are logged)."""
         self.totals = {pool: dict(values) for pool, values in totals.items()}
         document = {
             "version": VERSION,
-            "since": self.since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "since": self.since_text,
             "pools": self.totals,
         }
         temporary = self.path.with_name(f".{self.path.name}.tmp")
@@ -109,7 +116,7 @@ def _parse(raw: bytes) -> tuple[datetime, Totals] | None:
         return None
     try:
         document: Any = json.loads(raw)
-        since = datetime.strptime(document["since"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        since = datetime.strptime(document["since"], STAMP).replace(tzinfo=UTC)
         pools = document["pools"]
     except (ValueError, TypeError, KeyError):
         return None

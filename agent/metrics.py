@@ -70,9 +70,7 @@ class Metrics:
         self._gpu_seconds = Counter(
             f"{PREFIX}_gpu_seconds", "Seconds tasks ran, by pool", ["pool"], registry=registry
         )
-        self._contribution: dict[str, dict[str, float]] = {
-            pool: {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0} for pool in POOLS
-        }
+        self._contribution: dict[str, dict[str, float]] = {pool: _zero() for pool in POOLS}
         for pool, totals in (contribution or {}).items():
             self._contribution.setdefault(pool, {}).update(totals)
         self._on_contribution = on_contribution
@@ -141,9 +139,7 @@ class Metrics:
     def task_finished(self, outcome: str, pool: str, timings: Timings | None = None) -> None:
         """One attempt reported (or one assignment rejected)."""
         self._tasks.labels(outcome=outcome, pool=pool).inc()
-        totals = self._contribution.setdefault(
-            pool, {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0}
-        )
+        totals = self._contribution.setdefault(pool, _zero())
         totals[outcome] = totals.get(outcome, 0.0) + 1
         if timings is not None and timings.run_s is not None and timings.run_s > 0:
             self._gpu_seconds.labels(pool=pool).inc(timings.run_s)
@@ -200,3 +196,8 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return bytes(generate_latest(self.registry))
+
+
+def _zero() -> dict[str, float]:
+    """One pool's contribution before anything ran: every outcome and GPU-seconds at 0."""
+    return {**dict.fromkeys(OUTCOMES, 0.0), "gpu_seconds": 0.0}
